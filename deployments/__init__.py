@@ -1,0 +1,1 @@
+"""Ray Serve deployments (imported as omnireel.deployments). Built by the serving issue."""

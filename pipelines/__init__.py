@@ -1,0 +1,1 @@
+"""Ray Data pipelines (imported as omnireel.pipelines). Built by the batch issue."""

@@ -1,0 +1,1 @@
+"""How the model is split across ranks (tensor parallelism) and the Ray group that runs it."""
