@@ -1,0 +1,73 @@
+"""Rectified-flow sampling: shifted sigmas, Euler steps, classifier-free guidance (DESIGN.md §3).
+
+x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts velocity v = noise - x0.
+Cond and uncond run as one batch; video and audio have separate guidance scales.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .backbone import ConditionTokens, OmniBackbone, PreparedLayout
+
+
+class Cancelled(Exception):
+    """Raised inside a denoising loop when should_stop() turned true."""
+
+
+def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) float64 from 1 down to 0: sigma' = shift * s / (1 + (shift - 1) * s)."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    video: float = 1.0
+    audio: float = 1.0
+
+    @property
+    def needs_uncond(self) -> bool:
+        return self.video != 1.0 or self.audio != 1.0
+
+
+def guided_velocity(backbone: OmniBackbone, video, audio, sigma: float, cond: ConditionTokens,
+                    prep: PreparedLayout, guidance: Guidance):
+    """One model evaluation with CFG. video (1, C, T, h, w), audio (1, Ca, Ta) -> velocities."""
+    sig = video.new_tensor([0.0, sigma, sigma])
+    if not guidance.needs_uncond:
+        return backbone(video, audio, sig[None], cond, prep)
+    drop = torch.tensor([False, True], device=video.device)
+    v_video, v_audio = backbone(video.repeat(2, 1, 1, 1, 1), audio.repeat(2, 1, 1), sig[None].repeat(2, 1),
+                                cond.repeat(2), prep, drop_captions=drop)
+    v_video = v_video[1:] + guidance.video * (v_video[:1] - v_video[1:])
+    v_audio = v_audio[1:] + guidance.audio * (v_audio[:1] - v_audio[1:])
+    return v_video, v_audio
+
+
+def sample(backbone: OmniBackbone, video: torch.Tensor, audio: torch.Tensor, cond: ConditionTokens,
+           prep: PreparedLayout, *, steps: int, shift: float, guidance: Guidance,
+           progress: Callable[[int, int], None] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler-integrate from noise (sigma 1) to data (sigma 0).
+
+    video (1, C, T, h, w) and audio (1, Ca, Ta) hold noise where the layout says noisy and the clean
+    latents where it says clean (leading video frames, or the whole audio); clean parts never move.
+    """
+    spec = prep.layout.spec
+    video_noisy = torch.ones_like(video[:, :1, :, :1, :1])
+    video_noisy[:, :, :spec.video_clean_frames] = 0                 # (1, 1, T, 1, 1)
+    audio_noisy = 0.0 if spec.audio_clean else 1.0
+    sigmas = shifted_sigmas(steps, shift)
+    for i in range(steps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"stopped at step {i} of {steps}")
+        v_video, v_audio = guided_velocity(backbone, video, audio, float(sigmas[i]), cond, prep, guidance)
+        dt = float(sigmas[i + 1] - sigmas[i])
+        video = video + dt * video_noisy * v_video
+        audio = audio + dt * audio_noisy * v_audio
+        if progress is not None:
+            progress(i + 1, steps)
+    return video, audio
