@@ -1,0 +1,122 @@
+"""Request -> ScenePlan: frames, latent shapes, shots on latent-frame boundaries, captions.
+
+Frame arithmetic (DESIGN.md §3 "Codecs"): a request for round(seconds * fps) frames gets
+1 + 4n latent frames (n rounded up) and decoded frames are trimmed back. Latent k covers frames
+4k-3..4k (latent 0: frame 0), so a cut placed at latent k starts at frame 4k-3 and never splits a
+latent. Audio is trimmed to the same duration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import GenerationRequest
+from .model.config import LANGUAGES, ModelConfig
+from .model.layout import LayoutSpec
+
+
+class PlanError(ValueError):
+    """A request that validates field by field but cannot be planned; names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def first_frame(k: int) -> int:
+    """First video frame covered by latent frame k."""
+    return 0 if k == 0 else 4 * k - 3
+
+
+@dataclass(frozen=True)
+class ShotPlan:
+    index: int
+    caption: str
+    latent_start: int   # [latent_start, latent_end) video latent frames
+    latent_end: int
+    frame_start: int    # [frame_start, frame_end) decoded frames
+    frame_end: int
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    output: str                    # "video" | "image"
+    captions: tuple[str, ...]      # global caption, then one per shot when there are several
+    language: str
+    seed: int
+    steps: int
+    shift: float
+    guidance_video: float
+    guidance_audio: float
+    fps: int
+    width: int
+    height: int
+    num_frames: int                # decoded frames kept (round(seconds * fps); 1 for an image)
+    latent_frames: int             # 1 + n
+    latent_height: int
+    latent_width: int
+    audio_samples: int             # waveform samples kept (0 for an image)
+    audio_frames: int              # audio latents at 25 per second
+    shots: tuple[ShotPlan, ...]
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps
+
+    def layout_spec(self, caption_lengths: tuple[int, ...], voices: int = 0, refs: int = 0) -> LayoutSpec:
+        return LayoutSpec(latent_frames=self.latent_frames, latent_height=self.latent_height,
+                          latent_width=self.latent_width, fps=float(self.fps), audio_frames=self.audio_frames,
+                          shot_starts=tuple(s.latent_start for s in self.shots),
+                          caption_lengths=caption_lengths, voices=voices, refs=refs)
+
+
+def shot_latent_starts(shot_seconds: list[float], fps: int, latent_frames: int) -> list[int]:
+    """Place each cut on the latent frame whose first frame is nearest the requested cut time."""
+    starts, elapsed = [0], 0.0
+    for seconds in shot_seconds[:-1]:
+        elapsed += seconds
+        k = max(round((elapsed * fps + 3) / 4), starts[-1] + 1)
+        starts.append(k)
+    if starts[-1] >= latent_frames:
+        raise PlanError("shots", f"{len(shot_seconds)} shots need at least {len(shot_seconds)} latent frames "
+                                 f"(4 video frames each); this clip has {latent_frames}")
+    return starts
+
+
+def plan_request(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
+    vae, audio = config.vae, config.audio
+    image = request.output == "image"
+    num_frames = 1 if image else round(request.seconds * request.fps)
+    latent_frames = 1 + math.ceil((num_frames - 1) / vae.time_factor)
+    audio_samples = 0 if image else round(num_frames / request.fps * audio.sample_rate)
+    audio_frames = math.ceil(audio_samples / (audio.hop_length * audio.time_factor))
+
+    shots = request.shots or []
+    shot_seconds = [s.seconds for s in shots] or [request.seconds]
+    starts = [0] if image else shot_latent_starts(shot_seconds, request.fps, latent_frames)
+    ends = starts[1:] + [latent_frames]
+    shot_captions = [s.prompt if not s.camera else f"{s.prompt} (camera: {s.camera})" for s in shots]
+    if len(starts) == 1:   # one shot: a single global caption, no shot captions, no mask
+        captions = (" ".join([request.prompt, *shot_captions]),)
+        shot_captions = list(captions)
+    else:
+        captions = (request.prompt, *shot_captions)
+    shot_plans = tuple(
+        ShotPlan(index=i, caption=caption, latent_start=a, latent_end=b, frame_start=first_frame(a),
+                 frame_end=num_frames if b == latent_frames else first_frame(b))
+        for i, (caption, a, b) in enumerate(zip(shot_captions, starts, ends)))
+
+    sampler = config.sampler
+    return ScenePlan(
+        output=request.output, captions=captions, language=request.language, seed=request.seed,
+        steps=request.steps or sampler.steps, shift=sampler.shift,
+        guidance_video=sampler.cfg_video if request.guidance_video is None else request.guidance_video,
+        guidance_audio=sampler.cfg_audio if request.guidance_audio is None else request.guidance_audio,
+        fps=request.fps, width=request.width, height=request.height, num_frames=num_frames,
+        latent_frames=latent_frames, latent_height=request.height // vae.space_factor,
+        latent_width=request.width // vae.space_factor, audio_samples=audio_samples,
+        audio_frames=audio_frames, shots=shot_plans)
+
+
+def language_index(language: str) -> int:
+    return LANGUAGES.index(language)

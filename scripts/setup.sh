@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything OmniReel needs on a fresh Debian machine, idempotently:
+#   1. system tools (ffmpeg for ffprobe) when missing and we are root,
+#   2. a virtual environment (.venv, or $OMNIREEL_VENV; "system" installs into the current python),
+#   3. torch pinned FIRST (the CPU build here, so nothing pulls CUDA wheels), then the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_SPEC=${OMNIREEL_TORCH:-torch==2.13.0}
+VENV=${OMNIREEL_VENV:-.venv}
+
+missing=()
+command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${missing[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: please install these system packages first: ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [ "$VENV" = system ]; then
+  PY=python3
+else
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  PY="$VENV/bin/python"
+fi
+"$PY" -m pip install -q "$TORCH_SPEC"
+"$PY" -m pip install -q -e ".[dev]"
+echo "setup: ready ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
