@@ -6,6 +6,7 @@ backend named by `TextEncoderConfig.backend`.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -35,6 +36,19 @@ def mean_pool(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.mean(dim=0)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No 'Loading weights' progress bar on every CLI run; restores transformers' setting after."""
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 class HFTextEncoder:
     """A frozen transformers encoder loaded from a local folder (never from a hub)."""
 
@@ -42,7 +56,8 @@ class HFTextEncoder:
         folder = resolve_text_model(cfg.model)
         self.max_tokens = cfg.max_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        with quiet_loading():
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
         self.dim = self.model.config.hidden_size
         if self.dim != cfg.dim:
