@@ -48,3 +48,63 @@ def exists(uri: str) -> bool:
 
 def join(prefix: str, *parts: str) -> str:
     return "/".join([prefix.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def delete(uri: str) -> None:
+    """Remove an object or file; a missing one is fine."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_prefix(uri: str) -> list[str]:
+    """Full URIs of the objects directly under a prefix (empty when it does not exist)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p
+                  for p in fs.ls(path, detail=False))
+
+
+# ---- the trust boundary (DESIGN.md §4) --------------------------------------------------------
+
+class URINotAllowed(ValueError):
+    """A URI from a request or manifest that the allow-list refuses; the message names why."""
+
+
+def check_allowed(uri: str, schemes: tuple[str, ...] = ("s3", "gs", "https"),
+                  buckets: tuple[str, ...] | None = None) -> str:
+    """Refuse URIs outside the allow-list: other schemes (file:// above all), buckets not listed,
+    and hosts that are IP literals in loopback, private or link-local ranges."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in schemes:
+        raise URINotAllowed(f"scheme {parts.scheme or '(none)'!r} is not allowed; allowed: {list(schemes)}")
+    host = parts.hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None and (address.is_private or address.is_loopback or address.is_link_local
+                                or address.is_reserved or address.is_unspecified):
+        raise URINotAllowed(f"host {host} is a private, loopback or link-local address")
+    if host in ("localhost", "") or host.endswith(".localhost") or host.endswith(".internal"):
+        raise URINotAllowed(f"host {host or '(none)'!r} is not allowed")
+    if buckets is not None and parts.scheme in ("s3", "gs") and host not in buckets:
+        raise URINotAllowed(f"bucket {host!r} is not in the allow-list {list(buckets)}")
+    return uri
+
+
+# ---- the artifact layout shared by batch rows and online jobs (DESIGN.md §4) ------------------
+
+def artifact_uri(prefix: str, key: str, extension: str = "mp4") -> str:
+    """Deterministic location of a rendered artifact: key = request_key(request, checkpoint digest)."""
+    return join(prefix, "artifacts", key[:2], f"{key}.{extension}")
+
+
+def sidecar_uri(prefix: str, key: str) -> str:
+    """The small JSON record written after the artifact; artifact + sidecar present = done."""
+    return join(prefix, "artifacts", key[:2], f"{key}.json")
