@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything OmniReel needs on a fresh Debian machine, idempotently:
-#   1. system tools (ffmpeg for ffprobe) when missing and we are root,
+#   1. system tools (ffmpeg, espeak-ng, prometheus, pushgateway) when missing and we are root,
 #   2. a virtual environment (.venv, or $OMNIREEL_VENV; "system" installs into the current python),
 #   3. torch pinned FIRST (the CPU build here, so nothing pulls CUDA wheels), then the project.
 set -euo pipefail
@@ -9,8 +9,13 @@ cd "$(dirname "$0")/.."
 TORCH_SPEC=${OMNIREEL_TORCH:-torch==2.13.0}
 VENV=${OMNIREEL_VENV:-.venv}
 
+# ffmpeg: ffprobe checks MP4s; espeak-ng: test recordings for voice binding;
+# prometheus + prometheus-pushgateway: real scrape and push targets in the tests.
 missing=()
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${missing[*]} with apt-get"

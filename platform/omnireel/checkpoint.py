@@ -116,7 +116,10 @@ def default_checkpoint() -> Path:
     processes create it at once, one rename wins and both use the winner's checkpoint.
     """
     home = Path(os.environ.get("OMNIREEL_HOME", "~/.cache/omnireel")).expanduser()
-    directory = home / "checkpoints" / f"{DEFAULT_PRESET}-seed{DEFAULT_SEED}"
+    # The folder name carries a hash of the preset's architecture, so a cached default made by an
+    # older version with other shapes is never loaded against the new code.
+    architecture = hashlib.sha256(canonical_json(preset(DEFAULT_PRESET).to_dict())).hexdigest()[:10]
+    directory = home / "checkpoints" / f"{DEFAULT_PRESET}-seed{DEFAULT_SEED}-{architecture}"
     if not directory.is_dir():
         try:
             init_checkpoint(DEFAULT_PRESET, directory, seed=DEFAULT_SEED)
@@ -126,9 +129,47 @@ def default_checkpoint() -> Path:
     return directory
 
 
-# Sharded loading for tensor parallelism belongs here, beside load_checkpoint: build on the meta
-# device, apply the TP plan, `to_empty`, fill each local shard from safetensors' `get_slice`, and
-# reuse `check_state_dict` on the full (unsharded) shapes (DESIGN.md §3).
+def load_backbone_shard(directory: str | os.PathLike, mesh, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None):
+    """This rank's tensor-parallel shard of `directory`'s backbone over the 1-D device `mesh`.
+
+    Builds the backbone on the meta device, applies the TP plan (parallel/tp.py), allocates only the
+    local shards (`to_empty`) and fills each from `safe_open(...).get_slice(name)[rows or columns]`,
+    so a rank never reads a whole tensor it does not keep; replicated tensors are read whole. Then
+    recomputes the non-persistent buffers (RoPE). Shapes are checked against the full checkpoint.
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from .model.backbone import OmniBackbone
+    from .parallel.tp import parallelize_backbone
+
+    directory = Path(directory)
+    with torch.device("meta"):
+        backbone = OmniBackbone(read_config(directory).backbone)
+    if dtype is not None:
+        backbone.to(dtype)                                  # still meta: costs nothing
+    prefix = "backbone."                                    # the file holds the whole OmniModel
+    with safe_open(directory / WEIGHTS_FILE, framework="pt", device="cpu") as weights:
+        found = {name[len(prefix):]: torch.empty(weights.get_slice(name).get_shape(), device="meta")
+                 for name in weights.keys() if name.startswith(prefix)}
+        check_state_dict(backbone.state_dict(), found, source=directory)   # full shapes
+        parallelize_backbone(backbone, mesh)
+        backbone.to_empty(device=device)
+        with torch.no_grad():
+            for name, tensor in backbone.state_dict(keep_vars=True).items():
+                if isinstance(tensor, DTensor) and tensor.placements[0].is_shard():
+                    local = tensor.to_local()               # (rows / N, cols) or (rows, cols / N)
+                    dim = tensor.placements[0].dim
+                    start = mesh.get_local_rank() * local.shape[dim]   # an even split: tp divides it
+                    index = [slice(None)] * local.dim()
+                    index[dim] = slice(start, start + local.shape[dim])
+                    local.copy_(weights.get_slice(prefix + name)[tuple(index)])   # only these bytes
+                else:                                       # replicated: the whole tensor
+                    target = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+                    target.copy_(weights.get_tensor(prefix + name))
+    backbone.rope.init_buffers()
+    return backbone.eval()
 
 
 def _digest(config_document: dict, weights: Path) -> str:
