@@ -8,14 +8,19 @@ cd "$(dirname "$0")/.."
 
 TORCH_SPEC=${OMNIREEL_TORCH:-torch==2.13.0}
 VENV=${OMNIREEL_VENV:-.venv}
+EXTRAS=${OMNIREEL_EXTRAS:-dev}          # pip extras of the project ("s3" in the container image)
+TEST_TOOLS=${OMNIREEL_TEST_TOOLS:-1}    # 0: skip the system tools only the tests use
 
 # ffmpeg: ffprobe checks MP4s; espeak-ng: test recordings for voice binding;
 # prometheus + prometheus-pushgateway: real scrape and push targets in the tests.
+# (PyAV bundles its own FFmpeg libraries, so rendering itself needs none of them.)
 missing=()
-command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
-command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
-command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
+if [ "$TEST_TOOLS" != 0 ]; then
+  command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+  command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${missing[*]} with apt-get"
@@ -34,5 +39,5 @@ else
   PY="$VENV/bin/python"
 fi
 "$PY" -m pip install -q "$TORCH_SPEC"
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -e ".[$EXTRAS]"
 echo "setup: ready ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
