@@ -1,0 +1,212 @@
+"""Backbone benchmark: per-step time, tokens/s, achieved TFLOP/s, and TP parity (DESIGN.md §3).
+
+One step is one classifier-free-guided model evaluation, as the sampler runs it: cond and uncond as
+one batch of 2 over `tokens` packed tokens (one shot, so plain SDPA with no mask). FLOPs come from
+`OmniBackbone.flops_per_forward` (matmuls only, 2 per multiply-add).
+
+At --tp 1 this imports nothing but torch and omnireel.model, so a GPU box without Ray runs it. At
+--tp N it spawns N processes (torch.multiprocessing; gloo on CPU, NCCL on GPU) that load their shards
+of a temporary checkpoint through the sharded loader, and --check-parity compares rank 0's velocities
+with a TP=1 run on the same weights and inputs.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..model.backbone import ConditionTokens, OmniBackbone
+from ..model.config import BackboneConfig, preset
+from ..model.layout import LayoutSpec, build_layout
+from ..model.sampler import Guidance, guided_velocity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SEED, INPUT_SEED = 0, 1
+FPS = 24.0
+
+
+@dataclass
+class BenchResult:
+    preset: str
+    tp: int
+    device: str
+    dtype: str
+    tokens: int                   # packed sequence length L (per batch row)
+    batch: int                    # 2: cond + uncond
+    steps: int
+    step_s: float                 # median seconds per step
+    tokens_per_s: float           # batch * L / step_s
+    tflops: float                 # achieved TFLOP/s (all ranks together)
+    parity_max_abs: float | None  # max |TP=N - TP=1| over the velocities, with check_parity
+
+    def lines(self) -> list[str]:
+        out = [f"backbone {self.preset} tp={self.tp} on {self.device} ({self.dtype}): L={self.tokens} tokens x "
+               f"batch {self.batch}, {self.steps} steps",
+               f"  per-step time   {self.step_s * 1e3:.2f} ms (median)",
+               f"  tokens/s        {self.tokens_per_s:,.0f}",
+               f"  achieved        {self.tflops:.4f} TFLOP/s"]
+        if self.parity_max_abs is not None:
+            out.append(f"  parity vs tp=1  max abs diff {self.parity_max_abs:.3e}")
+        return out
+
+
+def synthetic_spec(tokens: int, fps: float = FPS) -> LayoutSpec:
+    """A one-shot layout of about `tokens` tokens: 16:9 video latents, matching audio, one caption."""
+    frames = max(1, min(21, tokens // 512))                  # 21 latents = 81 frames, as in 720p x 81
+    audio = max(1, round((1 + 4 * (frames - 1)) / fps * 25))
+    caption = max(1, min(64, tokens // 32))
+    per_frame = max(1, (tokens - caption - 1 - audio) // frames)   # patch tokens per latent frame
+    rows = max(1, round(math.sqrt(per_frame * 9 / 16)))
+    cols = max(1, per_frame // rows)
+    return LayoutSpec(latent_frames=frames, latent_height=2 * rows, latent_width=2 * cols, fps=fps,
+                      audio_frames=audio, caption_lengths=(caption,))
+
+
+def synthetic_inputs(cfg: BackboneConfig, spec: LayoutSpec, device, dtype):
+    """Seeded inputs drawn on the CPU: every process and TP degree sees the same."""
+    g = torch.Generator().manual_seed(INPUT_SEED)
+    cond = ConditionTokens(captions=torch.randn(1, sum(spec.caption_lengths), cfg.text_dim, generator=g),
+                           language=torch.zeros(1, dtype=torch.long),
+                           voices=torch.zeros(1, 0, cfg.speaker_dim),
+                           refs=torch.zeros(1, 0, cfg.video_channels, spec.latent_height, spec.latent_width))
+    video = torch.randn(1, cfg.video_channels, spec.latent_frames, spec.latent_height, spec.latent_width, generator=g)
+    audio = torch.randn(1, cfg.audio_channels, spec.audio_frames, generator=g)
+    cond = ConditionTokens(cond.captions.to(device, dtype), cond.language.to(device),
+                           cond.voices.to(device, dtype), cond.refs.to(device, dtype))
+    return video.to(device, dtype), audio.to(device, dtype), cond
+
+
+def seeded_backbone(cfg: BackboneConfig, device="cpu", dtype: torch.dtype = torch.float32) -> OmniBackbone:
+    """The benchmark's weights (seeded), built directly on `device` in `dtype`: a large config never
+    has a full float32 copy on the GPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(WEIGHT_SEED)
+            return OmniBackbone(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, barrier=None):
+    """Runs 1 warm-up + `steps` guided steps; returns (median seconds per step, last velocities, L)."""
+    spec = synthetic_spec(tokens)
+    prep = backbone.prepare(build_layout(spec, backbone.cfg), device)
+    video, audio, cond = synthetic_inputs(backbone.cfg, spec, device, dtype)
+    guidance = Guidance(video=5.0, audio=4.0)
+    times = []
+    with torch.inference_mode():
+        for i in range(steps + 1):
+            if barrier:
+                barrier()
+            _sync(device)
+            start = time.perf_counter()
+            out = guided_velocity(backbone, video, audio, 0.5, cond, prep, guidance)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times), tuple(t.float().cpu() for t in out), prep.layout.length
+
+
+def _device_for(rank: int) -> torch.device:
+    return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rank_main(rank: int, tp: int, port: int, checkpoint: str, tokens: int, steps: int, dtype: str,
+               threads: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..checkpoint import load_backbone_shard
+
+    torch.set_num_threads(threads)
+    device = _device_for(rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=tp)
+    try:
+        mesh = init_device_mesh(device.type, (tp,))
+        backbone = load_backbone_shard(checkpoint, mesh, device, DTYPES[dtype])
+        step_s, out, length = time_steps(backbone, tokens, steps, device, DTYPES[dtype], barrier=dist.barrier)
+        if rank == 0:
+            torch.save({"step_s": step_s, "out": out, "length": length}, Path(out_dir) / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _write_backbone_checkpoint(backbone: OmniBackbone, config_name: str, directory: Path) -> None:
+    """The checkpoint layout (config.json + model.safetensors with `backbone.` keys), backbone only."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, WEIGHTS_FILE
+    config = preset(config_name)
+    (directory / CONFIG_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "model": config.to_dict()}))
+    save_file({f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, directory / WEIGHTS_FILE)
+
+
+def bench_backbone(preset_name: str = "tiny", tp: int = 1, steps: int = 5, tokens: int = 1024,
+                   dtype: str = "float32", check_parity: bool = False) -> BenchResult:
+    """Benchmarks the backbone at `tp` ranks on this machine; prints and returns the figures."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (got {dtype!r})")
+    cfg = preset(preset_name).backbone
+    device = _device_for(0)
+    if tp == 1:
+        backbone = seeded_backbone(cfg, device, DTYPES[dtype])
+        step_s, _, length = time_steps(backbone, tokens, steps, device, DTYPES[dtype])
+        parity = None                      # tp=1 is the reference itself
+        if check_parity:
+            print("parity: nothing to compare at tp=1 (it is the reference)")
+    else:
+        step_s, length, parity = _bench_tp(preset_name, cfg, tp, steps, tokens, dtype, check_parity)
+    with torch.device("meta"):
+        flops = OmniBackbone(cfg).flops_per_forward(length, batch=2)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = BenchResult(preset=preset_name, tp=tp, device=device_name, dtype=dtype, tokens=length, batch=2,
+                         steps=steps, step_s=step_s, tokens_per_s=2 * length / step_s,
+                         tflops=flops / step_s / 1e12, parity_max_abs=parity)
+    print("\n".join(result.lines()), flush=True)
+    return result
+
+
+def _bench_tp(preset_name: str, cfg: BackboneConfig, tp: int, steps: int, tokens: int, dtype: str,
+              check_parity: bool):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from .tp import check_tp_degree
+
+    check_tp_degree(cfg, tp)
+    if torch.cuda.is_available() and torch.cuda.device_count() < tp:
+        raise ValueError(f"tp={tp} needs {tp} GPUs; this machine has {torch.cuda.device_count()}")
+    backbone = seeded_backbone(cfg)
+    with tempfile.TemporaryDirectory(prefix="omnireel-bench-") as tmp:
+        _write_backbone_checkpoint(backbone, preset_name, Path(tmp))
+        with socket.socket() as s:   # a free port for the rendezvous (released just before the ranks bind it)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        threads = max(1, torch.get_num_threads() // tp) if not torch.cuda.is_available() else torch.get_num_threads()
+        mp.spawn(_rank_main, args=(tp, port, tmp, tokens, steps, dtype, threads, tmp), nprocs=tp, join=True)
+        rank0 = torch.load(Path(tmp) / "rank0.pt")
+    parity = None
+    if check_parity:
+        device = _device_for(0)
+        reference = backbone.to(device, DTYPES[dtype])
+        _, expected, _ = time_steps(reference, tokens, 1, device, DTYPES[dtype])
+        parity = max((a - b).abs().max().item() for a, b in zip(rank0["out"], expected))
+    return rank0["step_s"], rank0["length"], parity

@@ -1,0 +1,536 @@
+"""BackboneGroup: N Ray rank actors running one tensor-parallel backbone, with a scheduler on rank 0.
+
+The host (a Serve replica, a Ray Data actor, a script) hands the group a placement group with one
+bundle per rank (STRICT_PACK, a GPU per bundle where there are GPUs) or lets the group create one.
+Rank actors rendezvous among themselves (rank 0 opens the TCP store and picks the port), load their
+shards from the checkpoint by slice, and then serve jobs:
+
+    host                      rank 0                                 rank 1..N-1
+    submit(job) --ray.put--> run(job_id, job)  [JobScheduler queue]  run(job_id, job)  [pending]
+                             engine: pick next job, broadcast its id --> engine: receive the id
+                             denoise(...) lockstep, broadcasting the stop flag every step
+    result() <-- latents ---  RankOutcome(latents)                   RankOutcome(no latents)
+
+A job's inputs go out once (one object in the store, fetched by each rank), the whole denoising
+loop (the `denoise` stage, unchanged) runs on the ranks, and only the latents come back, from rank 0.
+Rank 0 decides which job runs next, so ranks agree on the order whatever order Ray delivers calls in,
+and step-level batching can later change the engine alone. Idle ranks wait on a local condition,
+never inside a collective, so the process-group timeout only bounds real collectives.
+
+Failures: the host waits on every rank's result (ray.wait); a rank that dies fails the call at once,
+a rank that stops answering fails it after the straggler timeout; either way the survivors are
+killed, the call raises RankFailure, and `rebuild()` starts a fresh set of ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..model.sampler import Cancelled
+from ..plan import ScenePlan
+from ..stages import GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings
+from .tp import check_tp_degree
+
+MAX_QUEUED_JOBS = 32          # jobs in flight per group (each holds one thread on every rank)
+
+
+@dataclass
+class DenoiseJob:
+    """The inputs of one `denoise` stage call: what goes out to the ranks, once."""
+    plan: ScenePlan
+    text: TextEmbeddings
+    voice: VoiceEmbeddings
+    media: MediaLatents
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class RankOutcome:
+    """What one rank reports for one job."""
+    rank: int
+    status: str                             # "done" | "cancelled" | "failed" | "broken" (engine gone)
+    steps: int                              # denoising steps completed
+    latents: GeneratedLatents | None = None  # rank 0 only
+    error: str = ""                         # traceback of a failed job
+
+
+class RankFailure(RuntimeError):
+    """A rank died or stopped answering; the group was shut down and must be rebuilt."""
+
+
+class JobFailed(RuntimeError):
+    """The job itself raised on every rank (bad inputs); the group is still usable."""
+
+
+class JobCancelled(Cancelled):
+    """The job was cancelled; every rank stopped after the same number of steps."""
+
+    def __init__(self, job_id: str, steps_by_rank: list[int], total: int):
+        steps = steps_by_rank[0]
+        super().__init__(f"job {job_id} cancelled: all {len(steps_by_rank)} ranks stopped after "
+                         f"{steps} of {total} steps")
+        self.job_id, self.steps, self.total, self.steps_by_rank = job_id, steps, total, steps_by_rank
+
+
+# ---- rank 0's scheduler ------------------------------------------------------------------------
+
+class JobScheduler:
+    """Rank 0's queue: jobs in arrival order, one run at a time; cancel flags and progress per job."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._cancelled: set[str] = set()
+        self._progress: dict[str, tuple[int, int]] = {}
+
+    def add(self, job_id: str) -> None:
+        with self._cond:
+            self._queue.append(job_id)
+            self._cond.notify_all()
+
+    def next_job(self) -> str:
+        """Blocks until a job is queued; returns the one to run next."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue)
+            return self._queue.popleft()
+
+    def cancel(self, job_id: str) -> None:
+        with self._cond:
+            self._cancelled.add(job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self._cond:
+            return job_id in self._cancelled
+
+    def set_progress(self, job_id: str, step: int, total: int) -> None:
+        with self._cond:
+            self._progress[job_id] = (step, total)
+
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        with self._cond:
+            return self._progress.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        with self._cond:
+            self._cancelled.discard(job_id)
+            self._progress.pop(job_id, None)
+
+
+# ---- the rank actor ----------------------------------------------------------------------------
+
+@ray.remote(concurrency_groups={"control": 2})
+class BackboneRank:
+    """One rank: its shard of the backbone and an engine thread that runs jobs in rank 0's order."""
+
+    def __init__(self, rank: int, world: int, threads: int):
+        torch.set_num_threads(threads)
+        self.rank, self.world = rank, world
+        gpu = bool(ray.get_gpu_ids())
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")   # Ray sets CUDA_VISIBLE_DEVICES
+        self.backend = "nccl" if gpu else "gloo"
+        self.store = None
+        self.backbone = None
+        self.timeout_s = 60.0
+        self.scheduler = JobScheduler() if rank == 0 else None
+        self._cond = threading.Condition()
+        self._jobs: dict[str, DenoiseJob] = {}       # arrived, not yet run
+        self._outcomes: dict[str, RankOutcome] = {}  # finished, not yet returned
+        self._unstarted = 0                          # jobs arrived here that no broadcast has named yet
+        self._broken: str | None = None              # set when the engine thread died
+
+    def open_store(self) -> tuple[str, int]:
+        """Rank 0: opens the rendezvous store on a free port; returns (address, port)."""
+        import torch.distributed as dist
+        address = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(address, 0, self.world, is_master=True, wait_for_workers=False)
+        return address, self.store.port
+
+    def setup(self, address: tuple[str, int], checkpoint_dir: str, timeout_s: float,
+              dtype: str | None) -> int:
+        """Joins the process group, loads this rank's shard, starts the engine; returns resident bytes."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ..checkpoint import load_backbone_shard
+        from .tp import resident_parameter_bytes
+
+        self.timeout_s = timeout_s
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if self.store is None:
+            self.store = dist.TCPStore(address[0], address[1], self.world, is_master=False, timeout=timeout)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(self.backend, store=self.store, rank=self.rank, world_size=self.world,
+                                timeout=timeout)
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        self.backbone = load_backbone_shard(checkpoint_dir, mesh, self.device,
+                                            getattr(torch, dtype) if dtype else None)
+        threading.Thread(target=self._engine, name=f"backbone-rank{self.rank}", daemon=True).start()
+        return resident_parameter_bytes(self.backbone)
+
+    def run(self, job_id: str, job: DenoiseJob) -> RankOutcome:
+        """Queues `job` here and blocks until this rank has run it (in the order rank 0 picks)."""
+        with self._cond:
+            if self._broken:
+                return RankOutcome(self.rank, "broken", 0, error=self._broken)
+            self._jobs[job_id] = job
+            self._unstarted += 1
+            self._cond.notify_all()
+        if self.scheduler is not None:
+            self.scheduler.add(job_id)
+        with self._cond:
+            self._cond.wait_for(lambda: job_id in self._outcomes or self._broken)
+            return self._outcomes.pop(job_id, None) or RankOutcome(self.rank, "broken", 0, error=self._broken)
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, job_id: str) -> None:
+        self.scheduler.cancel(job_id)
+
+    @ray.method(concurrency_group="control")
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        return self.scheduler.progress(job_id)
+
+    # -- engine thread: the only thread that runs collectives --
+
+    def _engine(self) -> None:
+        try:
+            while True:
+                job_id = self._next_job()
+                outcome = self._run(job_id)
+                with self._cond:
+                    self._outcomes[job_id] = outcome
+                    self._cond.notify_all()
+                if self.scheduler is not None:
+                    self.scheduler.forget(job_id)
+        except BaseException:  # a broken process group: every waiting and later call fails
+            with self._cond:
+                self._broken = f"rank {self.rank}: engine stopped:\n{traceback.format_exc()}"
+                self._cond.notify_all()
+
+    def _next_job(self) -> str:
+        """Rank 0 picks the next job and broadcasts its id; the others wait for work, then receive it."""
+        import torch.distributed as dist
+        if self.scheduler is not None:
+            job_id = self.scheduler.next_job()
+        else:
+            with self._cond:   # enter the collective only when rank 0 is sure to have work too
+                self._cond.wait_for(lambda: self._unstarted > 0)
+            job_id = None
+        message = [job_id]
+        dist.broadcast_object_list(message, src=0, device=self.device)
+        job_id = message[0]
+        with self._cond:   # the host sent every rank this job; it may reach this rank a little later
+            if not self._cond.wait_for(lambda: job_id in self._jobs, timeout=self.timeout_s):
+                raise RuntimeError(f"job {job_id} never reached rank {self.rank}")
+            self._unstarted -= 1
+        return job_id
+
+    def _run(self, job_id: str) -> RankOutcome:
+        import torch.distributed as dist
+
+        from ..stages import denoise
+
+        with self._cond:
+            job = self._jobs.pop(job_id)
+        steps = 0
+
+        def progress(i: int, n: int) -> None:
+            nonlocal steps
+            steps = i
+            if self.scheduler is not None:
+                self.scheduler.set_progress(job_id, i, n)
+
+        def should_stop() -> bool:
+            # every rank calls this at the start of every step; rank 0's flag decides for all
+            flag = torch.tensor([self.scheduler is not None and self.scheduler.is_cancelled(job_id)],
+                                dtype=torch.int32, device=self.device)
+            dist.broadcast(flag, src=0)
+            return bool(flag.item())
+
+        try:
+            latents = denoise(self.backbone, job.plan, job.text, job.voice, job.media,
+                              progress=progress, should_stop=should_stop)
+            return RankOutcome(self.rank, "done", steps, latents if self.rank == 0 else None)
+        except Cancelled:
+            return RankOutcome(self.rank, "cancelled", steps)
+        except Exception:
+            return RankOutcome(self.rank, "failed", steps, error=traceback.format_exc())
+
+
+# ---- the host side -----------------------------------------------------------------------------
+
+class DenoiseCall:
+    """One submitted job: poll `progress()`, `cancel()`, and `result()` for the latents."""
+
+    def __init__(self, group: "BackboneGroup", job: DenoiseJob, refs: list):
+        self.group, self.job_id, self.steps = group, job.job_id, job.plan.steps
+        self._refs = refs           # one per rank
+
+    def progress(self) -> tuple[int, int] | None:
+        """(steps done, steps) as rank 0 last reported, or None before the first step."""
+        return self.group.progress(self.job_id)
+
+    def cancel(self) -> None:
+        self.group.cancel(self.job_id)
+
+    def result(self, timeout: float | None = None, *, on_poll: Callable[[], None] | None = None,
+               poll_s: float = 0.05) -> GeneratedLatents:
+        """Waits for every rank; rank 0's latents, or JobCancelled / JobFailed / RankFailure."""
+        return self.group._collect(self, timeout, on_poll, poll_s)
+
+
+class BackboneGroup:
+    """N rank actors running one TP-sharded backbone; `submit(job)` runs a whole denoising loop.
+
+    placement_group: the host's placement group, one bundle per rank (rank i -> bundle i); when None
+    the group creates a STRICT_PACK one from `bundles(tp, use_gpu)` and removes it on shutdown.
+    From a Serve replica pass `ray.util.get_current_placement_group()` (the replica's own bundles,
+    e.g. declared with `placement_group_bundles=BackboneGroup.bundles(tp, gpu, host={"CPU": 1})`).
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
+                 use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
+                 dtype: str | None = None, pg_timeout_s: float = 60.0, start_timeout_s: float = 300.0):
+        from ..checkpoint import read_config
+
+        self.checkpoint_dir = str(checkpoint_dir)
+        self.config = read_config(checkpoint_dir)
+        check_tp_degree(self.config.backbone, tp)         # before any actor starts
+        self.tp = tp
+        self.owns_placement_group = placement_group is None
+        if use_gpu is None:
+            use_gpu = (any(b.get("GPU", 0) for b in placement_group.bundle_specs) if placement_group
+                       else ray.cluster_resources().get("GPU", 0) >= tp)
+        self.use_gpu = use_gpu
+        self.placement_group = placement_group or self.create_placement_group(tp, use_gpu, cpus_per_rank,
+                                                                              timeout_s=start_timeout_s)
+        if len(self.placement_group.bundle_specs) < tp:
+            raise ValueError(f"placement group has {len(self.placement_group.bundle_specs)} bundles; "
+                             f"tp={tp} needs one per rank")
+        self.cpus_per_rank = cpus_per_rank
+        self.threads = threads or torch.get_num_threads()
+        self.dtype = dtype
+        self.pg_timeout_s = pg_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.straggler_timeout_s = pg_timeout_s + 30.0   # how long ranks may finish apart
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, object] = {}   # job_id -> rank 0's result ref
+        self._ranks: list = []
+        self._broken: str | None = None
+        self.resident_parameter_bytes: list[int] = []
+        try:
+            self._start()
+        except BaseException:
+            if self.owns_placement_group:
+                remove_placement_group(self.placement_group)
+            raise
+
+    # -- placement --
+
+    @staticmethod
+    def bundles(tp: int, use_gpu: bool, cpus_per_rank: float = 1, host: dict | None = None) -> list[dict]:
+        """One bundle per rank; `host` (the replica's own resources) joins bundle 0."""
+        rank = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
+        out = [dict(rank) for _ in range(tp)]
+        for key, value in (host or {}).items():
+            out[0][key] = out[0].get(key, 0) + value
+        return out
+
+    @classmethod
+    def create_placement_group(cls, tp: int, use_gpu: bool, cpus_per_rank: float = 1,
+                               timeout_s: float = 300.0) -> PlacementGroup:
+        pg = placement_group(cls.bundles(tp, use_gpu, cpus_per_rank), strategy="STRICT_PACK")
+        if not pg.wait(timeout_s):
+            remove_placement_group(pg)
+            raise RuntimeError(f"no node could place {tp} ranks ({cls.bundles(tp, use_gpu, cpus_per_rank)[0]} "
+                               f"each, STRICT_PACK) within {timeout_s:g}s")
+        return pg
+
+    # -- lifecycle --
+
+    def _start(self) -> None:
+        ranks = [BackboneRank.options(
+            num_cpus=self.cpus_per_rank, num_gpus=1 if self.use_gpu else 0,
+            max_concurrency=MAX_QUEUED_JOBS + 2, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=i,
+                placement_group_capture_child_tasks=True),
+        ).remote(i, self.tp, self.threads) for i in range(self.tp)]
+        self._ranks = ranks
+        try:
+            address = self._wait_all([ranks[0].open_store.remote()], self.start_timeout_s, "open its store")[0]
+            setup = [r.setup.remote(address, self.checkpoint_dir, self.pg_timeout_s, self.dtype) for r in ranks]
+            self.resident_parameter_bytes = self._wait_all(setup, self.start_timeout_s, "load its shard")
+        except BaseException:
+            self._kill()
+            raise
+        self._broken = None
+
+    def _wait_all(self, refs: list, timeout_s: float, what: str) -> list:
+        """Every ref's value, or RankFailure naming the first rank that failed or did not answer."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                rank = refs.index(pending[0])
+                raise RankFailure(f"BackboneGroup(tp={self.tp}): rank {rank} did not {what} within {timeout_s:g}s")
+            try:
+                ray.get(ready[0])
+            except Exception as exc:
+                raise RankFailure(f"BackboneGroup(tp={self.tp}): rank {refs.index(ready[0])} failed to {what}: "
+                                  f"{exc}") from exc
+        return ray.get(refs)
+
+    def _kill(self) -> None:
+        for rank in self._ranks:
+            ray.kill(rank, no_restart=True)
+        self._ranks = []
+
+    def _fail(self, message: str, cause: BaseException | None = None):
+        """Kills every rank (survivors may sit in a collective) and raises RankFailure."""
+        with self._lock:
+            self._broken = message
+            self._kill()
+        raise RankFailure(f"{message}; the group was shut down, call rebuild()") from cause
+
+    def rebuild(self) -> None:
+        """Starts a fresh set of ranks in the same placement group (after a failure, or any time)."""
+        with self._lock:
+            self._kill()
+            self._in_flight.clear()
+            self._broken = "rebuilding"            # until _start succeeds, submit() refuses
+        if self.placement_group is None:   # shut down: a group that owned its placement group makes a new one
+            self.placement_group = self.create_placement_group(self.tp, self.use_gpu, self.cpus_per_rank,
+                                                               timeout_s=self.start_timeout_s)
+        self._start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._kill()
+            self._broken = "shut down"
+        if self.owns_placement_group and self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    @property
+    def rank_actors(self) -> list:
+        return list(self._ranks)
+
+    # -- jobs --
+
+    def submit(self, job: DenoiseJob) -> DenoiseCall:
+        """Sends `job` to every rank (its inputs travel once, through the object store)."""
+        with self._lock:
+            if self._broken:
+                raise RankFailure(f"BackboneGroup(tp={self.tp}) is not running ({self._broken}); call rebuild()")
+            if len(self._in_flight) >= MAX_QUEUED_JOBS:   # forget finished calls nobody collected
+                done, _ = ray.wait(list(self._in_flight.values()), num_returns=len(self._in_flight), timeout=0)
+                self._in_flight = {k: r for k, r in self._in_flight.items() if r not in done}
+            if len(self._in_flight) >= MAX_QUEUED_JOBS:
+                raise RuntimeError(f"BackboneGroup(tp={self.tp}) already has {MAX_QUEUED_JOBS} jobs in flight; "
+                                   f"wait for a result before submitting more")
+            job_ref = ray.put(job)
+            refs = [rank.run.remote(job.job_id, job_ref) for rank in self._ranks]
+            self._in_flight[job.job_id] = refs[0]
+        return DenoiseCall(self, job, refs)
+
+    def cancel(self, job_id: str) -> None:
+        """Flags `job_id` on rank 0; every rank stops at the start of the same step."""
+        if self._ranks:
+            ray.get(self._ranks[0].cancel.remote(job_id), timeout=self.pg_timeout_s)
+
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        if not self._ranks:
+            return None
+        return ray.get(self._ranks[0].progress.remote(job_id), timeout=self.pg_timeout_s)
+
+    def denoise(self, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media: MediaLatents,
+                progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> GeneratedLatents:
+        """The `denoise` stage's contract, run on the group: forwards progress, turns should_stop into cancel."""
+        call = self.submit(DenoiseJob(plan, text, voice, media))
+        seen = None
+        stopping = False
+
+        def poll():
+            nonlocal seen, stopping
+            try:
+                if progress is not None:
+                    now = call.progress()
+                    if now is not None and now != seen:
+                        seen = now
+                        progress(*now)
+                if should_stop is not None and not stopping and should_stop():
+                    stopping = True
+                    call.cancel()
+            except ray.exceptions.RayActorError:   # rank 0 is gone: the wait on its result reports it
+                pass
+
+        latents = call.result(on_poll=poll if (progress or should_stop) else None)
+        if progress is not None and seen != (plan.steps, plan.steps):
+            progress(plan.steps, plan.steps)     # the last step can finish between two polls
+        return latents
+
+    def _collect(self, call: DenoiseCall, timeout: float | None, on_poll, poll_s: float) -> GeneratedLatents:
+        try:
+            return self._wait_for_ranks(call, timeout, on_poll, poll_s)
+        finally:
+            with self._lock:
+                self._in_flight.pop(call.job_id, None)
+
+    def _wait_for_ranks(self, call: DenoiseCall, timeout: float | None, on_poll, poll_s: float):
+        refs = call._refs
+        outcomes: dict[int, RankOutcome] = {}
+        start = time.monotonic()
+        first_done = None
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s if on_poll else 1.0)
+            for ref in ready:
+                rank = refs.index(ref)
+                try:
+                    outcomes[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:   # the actor died (or was killed)
+                    self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} died during job {call.job_id} "
+                               f"({type(exc).__name__})", exc)
+                except ray.exceptions.RayError as exc:
+                    self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} raised on job {call.job_id}: {exc}", exc)
+                first_done = first_done or time.monotonic()
+            now = time.monotonic()
+            if pending and first_done and now - first_done > self.straggler_timeout_s:
+                late = [refs.index(r) for r in pending]
+                self._fail(f"BackboneGroup(tp={self.tp}): ranks {late} did not finish job {call.job_id} within "
+                           f"{self.straggler_timeout_s:g}s of the others")
+            if pending and timeout is not None and now - start > timeout:
+                call.cancel()
+                raise TimeoutError(f"job {call.job_id} not done within {timeout:g}s (cancelled)")
+            if pending and on_poll is not None:
+                on_poll()
+        return self._verdict(call, [outcomes[r] for r in range(len(refs))])
+
+    def _verdict(self, call: DenoiseCall, outcomes: list[RankOutcome]) -> GeneratedLatents:
+        statuses = {o.status for o in outcomes}
+        steps = {o.steps for o in outcomes}
+        if len(statuses) > 1 or len(steps) > 1 or "broken" in statuses:   # collectives no longer line up
+            summary = ", ".join(f"rank {o.rank} {o.status} after {o.steps} steps" for o in outcomes)
+            errors = "".join(o.error for o in outcomes)
+            self._fail(f"BackboneGroup(tp={self.tp}): ranks diverged on job {call.job_id} ({summary})\n{errors}")
+        status = statuses.pop()
+        if status == "cancelled":
+            raise JobCancelled(call.job_id, [o.steps for o in outcomes], call.steps)
+        if status == "failed":
+            raise JobFailed(f"job {call.job_id} failed on every rank:\n{outcomes[0].error}")
+        return outcomes[0].latents
