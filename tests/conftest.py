@@ -25,3 +25,13 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_engine(tiny_checkpoint):
     from omnireel.engine import LocalEngine
     return LocalEngine(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray, started once for the whole test session (4 logical CPUs, no dashboard)."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()
