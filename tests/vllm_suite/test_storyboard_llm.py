@@ -1,0 +1,76 @@
+"""The LLM storyboard planner on vLLM: a tiny random-weight decoder (load_format="dummy") whose
+output is constrained by the bounded storyboard schema must always parse into valid shots."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from omnireel.config import GenerationRequest, Shot
+from omnireel.model.config import MAX_SHOTS, preset
+from omnireel.model.text import resolve_text_model
+from omnireel.plan import plan_request
+from omnireel.storyboard import LLMShotPlanner, StoryboardError, min_shot_seconds, storyboard_max_bytes
+
+PROMPT_CHARS, CAMERA_CHARS = 40, 20
+MAX_TOKENS = storyboard_max_bytes(MAX_SHOTS, PROMPT_CHARS, CAMERA_CHARS)   # the JSON always finishes
+
+# A 2-layer Qwen2 decoder small enough for CPU (vLLM's CPU attention needs head_dim 32+: 128 / 2 = 64),
+# over MiniLM's WordPiece vocabulary (30522 tokens; [CLS] = 101 as BOS, [SEP] = 102 as EOS).
+TINY_DECODER = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "vocab_size": 30528, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "float32",
+    "bos_token_id": 101, "eos_token_id": 102,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-decoder")
+    (folder / "config.json").write_text(json.dumps(TINY_DECODER))
+    for name in TOKENIZER_FILES:
+        shutil.copy(resolve_text_model("all-MiniLM-L6-v2") / name, folder / name)
+    planner = LLMShotPlanner(folder, load_format="dummy", dtype="float32", temperature=1.0,
+                             prompt_chars=PROMPT_CHARS, camera_chars=CAMERA_CHARS, max_tokens=MAX_TOKENS)
+    yield planner
+    planner.close()
+
+
+def assert_plannable(prompt: str, seconds: float, fps: int, shots: list[Shot], max_shots: int) -> None:
+    """Valid shots that add up to `seconds` and each get latent frames of their own in the plan."""
+    assert 1 <= len(shots) <= max_shots
+    assert all(isinstance(shot, Shot) and 1 <= len(shot.prompt) <= PROMPT_CHARS for shot in shots)
+    assert all(shot.camera is None or len(shot.camera) <= CAMERA_CHARS for shot in shots)
+    assert abs(sum(shot.seconds for shot in shots) - seconds) <= 1e-9
+    assert min(shot.seconds for shot in shots) >= min_shot_seconds(fps) - 1e-9
+    request = GenerationRequest(prompt=prompt, seconds=seconds, fps=fps, size="64x64",
+                                shots=shots if len(shots) > 1 else [])
+    plan = plan_request(request, preset("tiny"))
+    assert len(plan.shots) == len(shots)
+    assert all(shot.latent_end > shot.latent_start for shot in plan.shots)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_llm_storyboards_parse_into_valid_shots(planner, seed):
+    prompt = "A fox wakes in its den, runs across a frozen lake and looks back as snow falls."
+    seconds, fps = [(8.0, 24), (2.0, 24), (20.0, 8), (1.0, 16), (5.5, 30), (0.5, 24)][seed]
+    shots = planner.plan(prompt, seconds, fps=fps, seed=seed)
+    print(f"\nseed {seed}: {len(shots)} shots, seconds {[round(shot.seconds, 3) for shot in shots]}")
+    assert_plannable(prompt, seconds, fps, shots, MAX_SHOTS)
+
+
+def test_max_shots_bounds_the_storyboard(planner):
+    for seed in range(4):
+        shots = planner.plan("a storm rolls over the harbour", 6.0, max_shots=2, fps=24, seed=seed)
+        assert_plannable("a storm rolls over the harbour", 6.0, 24, shots, 2)
+    shots = planner.plan("a storm rolls over the harbour", 0.4, fps=24, seed=0)   # room for 2 only
+    assert_plannable("a storm rolls over the harbour", 0.4, 24, shots, 2)
+
+
+def test_output_cut_at_max_tokens_is_a_one_line_error(planner):
+    with pytest.raises(StoryboardError, match=r"^storyboard: the LLM's JSON was cut at max_tokens=8$"):
+        planner.plan("a storm rolls over the harbour", 4.0, fps=24, max_tokens=8)
