@@ -40,4 +40,7 @@ else
 fi
 "$PY" -m pip install -q "$TORCH_SPEC"
 "$PY" -m pip install -q -e ".[$EXTRAS]"
+# Resemblyzer is used only for its GE2E weights (pretrained.pt, loaded by omnireel.model.voice): its
+# declared dependencies (librosa, webrtcvad) are not needed and webrtcvad does not build here.
+"$PY" -m pip install -q --no-deps "resemblyzer==0.1.4"
 echo "setup: ready ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

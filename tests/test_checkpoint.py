@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,8 +124,9 @@ def test_default_checkpoint_is_created_once_even_by_racing_processes(tmp_path, m
     paths = {racer.communicate()[0].strip() for racer in racers}
     assert all(racer.returncode == 0 for racer in racers)
 
-    directory = tmp_path / "checkpoints" / "small-seed0"
-    assert paths == {str(directory)}
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["small-seed0"]
+    assert len(paths) == 1
+    directory = Path(paths.pop())
+    assert directory.parent == tmp_path / "checkpoints" and directory.name.startswith("small-seed0-")
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [directory.name]
     assert default_checkpoint() == directory
     assert read_digest(directory) == init_checkpoint("small", tmp_path / "fresh", seed=0)

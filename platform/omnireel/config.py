@@ -5,11 +5,18 @@ Every violation is reported as "<field path>: <message naming the limit>" (DESIG
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      model_validator)
 
 from .model.config import LANGUAGES, MAX_SHOTS
 
@@ -40,6 +47,58 @@ SECONDS_TOLERANCE = 1e-6
 FLOAT_DECIMALS = 6
 """Floats in the canonical form are rounded to this many decimals."""
 # MAX_SHOTS (most shots in one request) and LANGUAGES (language tags) come from the model config.
+
+MAX_VOICES = 4
+"""Most characters bound to voices in one request."""
+MAX_CHARACTER_CHARS = 64
+"""Longest character name of a voice binding."""
+VOICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""What a voice id looks like (ids name storage keys, so nothing else gets through)."""
+MAX_ELEMENTS = 4
+"""Most reference images (elements) in one request."""
+MAX_REFERENCE_CHARS = 2048
+"""Longest reference URI (data: URIs excepted: they are limited by MAX_UPLOAD_BYTES)."""
+MAX_UPLOAD_BYTES = 20 * 2**20
+"""Largest inline upload (a data: URI's decoded bytes) and largest fetched reference, in bytes."""
+MAX_INPUT_SECONDS = MAX_SECONDS
+"""Longest input video or input audio, in seconds (checked from the container before decoding)."""
+MAX_BODIES = 16
+"""Most rigid bodies in a physics scene."""
+MAX_EMITTERS = 4
+"""Most particle emitters in a physics scene."""
+MAX_PARTICLES = 256
+"""Most particles in a physics scene, all emitters together."""
+MAX_SPEED = 10000.0
+"""Largest body or particle speed component, in pixels per second."""
+MAX_GRAVITY = 10000.0
+"""Largest gravity component, in pixels per second squared."""
+MAX_MASS = 1000.0
+"""Largest body mass (arbitrary units)."""
+MAX_FRICTION = 10.0
+"""Largest friction coefficient."""
+MIN_PARTICLE_RADIUS, MAX_PARTICLE_RADIUS = 0.5, 64.0
+"""Particle radius range, in pixels."""
+
+
+@dataclass(frozen=True)
+class ReferencePolicy:
+    """Which reference URIs a caller may put in a request (DESIGN.md §4, the trust boundary).
+
+    Untrusted callers (HTTP, manifests) get URIs checked by `storage.check_allowed` against
+    `schemes` and `buckets`, plus inline data: URIs; only a trusted caller (the CLI) may name local
+    paths and file:// URIs. Pass it as `GenerationRequest.model_validate(data, context=policy.context())`
+    or through `parse_request`. Without a context a request is validated as untrusted.
+    """
+    trusted: bool = False
+    schemes: tuple[str, ...] = ("s3", "gs", "https")
+    buckets: Optional[tuple[str, ...]] = None
+
+    def context(self) -> dict:
+        return {"reference_policy": self}
+
+
+UNTRUSTED = ReferencePolicy()
+TRUSTED = ReferencePolicy(trusted=True)
 
 
 def canonical_json(value: Any) -> bytes:
@@ -104,7 +163,75 @@ def _check_shot_count(shots: list) -> list:
     return shots
 
 
+def _check_unique_characters(voices: list) -> list:
+    if len(voices) > MAX_VOICES:
+        raise ValueError(f"at most {MAX_VOICES} voices (got {len(voices)})")
+    seen = set()
+    for voice in voices:
+        key = voice.character.casefold()
+        if key in seen:
+            raise ValueError(f"character {voice.character!r} is bound more than once")
+        seen.add(key)
+    return voices
+
+
+def _check_elements(elements: list) -> list:
+    if len(elements) > MAX_ELEMENTS:
+        raise ValueError(f"at most {MAX_ELEMENTS} elements (got {len(elements)})")
+    return elements
+
+
+DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII)
+
+
+def data_uri_bytes(uri: str) -> bytes:
+    """The decoded payload of a `data:<type>;base64,<payload>` URI (ValueError if malformed)."""
+    match = DATA_URI.match(uri)
+    if not match:
+        raise ValueError('a data: URI must look like "data:<type>;base64,<payload>"')
+    try:
+        return base64.b64decode(uri[match.end():], validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"data: URI payload is not valid base64 ({e})") from None
+
+
+def _check_reference(value: str, info: ValidationInfo) -> str:
+    """A reference to media: a data: URI (an inline upload), an allow-listed URI, or (trusted
+    callers only) a local path or file:// URI. Sizes of uploads are checked here, before decoding."""
+    from . import storage
+
+    policy = (info.context or {}).get("reference_policy", UNTRUSTED)
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty or blank")
+    if value.startswith("data:"):
+        size = len(data_uri_bytes(value))
+        if size > MAX_UPLOAD_BYTES:
+            raise ValueError(f"upload must be at most {MAX_UPLOAD_BYTES} bytes (got {size})")
+        return value
+    if len(value) > MAX_REFERENCE_CHARS:
+        raise ValueError(f"must be at most {MAX_REFERENCE_CHARS} characters (got {len(value)})")
+    if "://" in value:
+        if policy.trusted and value.startswith("file://"):
+            value = value[len("file://"):]
+        elif not policy.trusted:
+            try:
+                return storage.check_allowed(value, policy.schemes, policy.buckets)
+            except storage.URINotAllowed as e:
+                raise ValueError(str(e)) from None
+        else:
+            return value
+    elif not policy.trusted:
+        raise ValueError(f"local paths are not allowed here; give a URI ({', '.join(policy.schemes)}) "
+                         f"or an inline data: URI")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {value}")
+    return str(path.resolve())
+
+
 Prompt = Annotated[str, _text(MAX_PROMPT_CHARS)]
+MediaReference = Annotated[str, AfterValidator(_check_reference)]
 Seconds = Annotated[float, _within(0, MAX_SECONDS, low_open=True)]
 Guidance = Annotated[float, _within(0.0, MAX_GUIDANCE)]
 Language = Literal[LANGUAGES]
@@ -118,6 +245,86 @@ class Shot(BaseModel):
     prompt: Prompt
     seconds: Seconds
     camera: Optional[Annotated[str, _text(MAX_CAMERA_CHARS)]] = None
+
+
+class VoiceBinding(BaseModel):
+    """A character of the scene speaks with a registered voice (see `omnireel voices`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    character: Annotated[str, _text(MAX_CHARACTER_CHARS)]
+    voice_id: Annotated[str, Field(pattern=VOICE_ID_PATTERN)]
+
+
+Point = tuple[float, float]
+Speed = Annotated[float, _within(-MAX_SPEED, MAX_SPEED)]
+Unit = Annotated[float, _within(0.0, 1.0)]
+
+
+class Body(BaseModel):
+    """A rigid body: a circle (radius) or a box (size), in output pixels (x right, y down)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: Literal["circle", "box"] = "circle"
+    position: Point
+    velocity: tuple[Speed, Speed] = (0.0, 0.0)
+    radius: Annotated[float, _within(0, MAX_SIDE, low_open=True)] = 16.0
+    size: Optional[tuple[Annotated[float, _within(0, MAX_SIDE, low_open=True)],
+                         Annotated[float, _within(0, MAX_SIDE, low_open=True)]]] = None
+    angle: Annotated[float, _within(-1000.0, 1000.0)] = 0.0                   # radians
+    angular_velocity: Annotated[float, _within(-1000.0, 1000.0)] = 0.0       # radians per second
+    mass: Annotated[float, _within(0, MAX_MASS, low_open=True)] = 1.0
+    elasticity: Unit = 0.6
+    friction: Annotated[float, _within(0.0, MAX_FRICTION)] = 0.5
+    static: bool = False
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "Body":
+        if self.shape == "box" and self.size is None:
+            raise ValueError("size: required for a box ([width, height] in pixels)")
+        if self.shape == "circle" and self.size is not None:
+            raise ValueError("size: only for a box (a circle takes radius)")
+        return self
+
+
+class Particles(BaseModel):
+    """An emitter: `count` small circles in a disc of radius `spread` around `position`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: Annotated[int, _within(1, MAX_PARTICLES)]
+    position: Point
+    spread: Annotated[float, _within(0.0, MAX_SIDE)] = 16.0
+    velocity: tuple[Speed, Speed] = (0.0, 0.0)
+    radius: Annotated[float, _within(MIN_PARTICLE_RADIUS, MAX_PARTICLE_RADIUS)] = 3.0
+    elasticity: Unit = 0.1
+    friction: Annotated[float, _within(0.0, MAX_FRICTION)] = 0.0
+
+
+class PhysicsScene(BaseModel):
+    """A small 2D scene simulated with pymunk; its motion conditions the generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gravity: tuple[Annotated[float, _within(-MAX_GRAVITY, MAX_GRAVITY)],
+                   Annotated[float, _within(-MAX_GRAVITY, MAX_GRAVITY)]] = (0.0, 980.0)
+    bodies: list[Body] = Field(default_factory=list)
+    particles: list[Particles] = Field(default_factory=list)
+    walls: bool = True                      # the frame's four edges are static walls
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> "PhysicsScene":
+        if len(self.bodies) > MAX_BODIES:
+            raise ValueError(f"bodies: at most {MAX_BODIES} bodies (got {len(self.bodies)})")
+        if len(self.particles) > MAX_EMITTERS:
+            raise ValueError(f"particles: at most {MAX_EMITTERS} emitters (got {len(self.particles)})")
+        total = sum(p.count for p in self.particles)
+        if total > MAX_PARTICLES:
+            raise ValueError(f"particles: at most {MAX_PARTICLES} particles in all (got {total})")
+        if not self.bodies and not self.particles:
+            raise ValueError("needs at least one body or particle emitter")
+        return self
 
 
 class GenerationRequest(BaseModel):
@@ -136,6 +343,15 @@ class GenerationRequest(BaseModel):
     language: Language = "en"
     shots: Annotated[list[Shot], AfterValidator(_check_shot_count)] = Field(default_factory=list)
     output: Literal["video", "image"] = "video"
+    # ---- the Omni features (optional; their defaults are plain text-to-video+audio) ----
+    mode: Literal["video", "audio"] = "video"   # "audio": text (or video) to audio alone, an M4A
+    voices: Annotated[list[VoiceBinding], AfterValidator(_check_unique_characters)] = Field(
+        default_factory=list)
+    elements: Annotated[list[MediaReference], AfterValidator(_check_elements)] = Field(default_factory=list)
+    input_reference: Optional[MediaReference] = None   # image-to-video: the clean first frame
+    input_video: Optional[MediaReference] = None       # continue this video: clean leading frames
+    input_audio: Optional[MediaReference] = None       # audio-driven video: clean audio tokens
+    physics: Optional[PhysicsScene] = None
 
     @model_validator(mode="after")
     def _check_duration(self) -> "GenerationRequest":
@@ -152,7 +368,29 @@ class GenerationRequest(BaseModel):
         if self.output == "video" and round(self.seconds * self.fps) < 1:
             raise ValueError(f"seconds, fps: round(seconds * fps) must be >= 1 frame "
                              f"(got round({_show(self.seconds)} * {self.fps}) = 0)")
+        self._check_features()
         return self
+
+    def _check_features(self) -> None:
+        """Cross-field rules of the Omni features, each naming the field."""
+        conflicts = {
+            "image": ("mode", "input_reference", "input_video", "input_audio", "voices", "physics"),
+            "audio": ("elements", "input_reference", "input_audio", "physics", "shots"),
+        }
+        kind = "image" if self.output == "image" else "audio" if self.mode == "audio" else None
+        for name in conflicts.get(kind, ()):
+            if name in self.model_fields_set and getattr(self, name) not in (None, [], "video"):
+                what = "output 'image' (one frame, no audio)" if kind == "image" else "mode 'audio' (no video)"
+                raise ValueError(f"{name}: not available with {what}")
+        if self.input_reference is not None and self.input_video is not None:
+            raise ValueError("input_reference, input_video: give at most one (both fill the leading frames)")
+        if self.physics is not None:
+            for kind, items in (("bodies", self.physics.bodies), ("particles", self.physics.particles)):
+                for i, item in enumerate(items):
+                    x, y = item.position
+                    if not (0 <= x <= self.width and 0 <= y <= self.height):
+                        raise ValueError(f"physics.{kind}.{i}.position: must lie inside the frame "
+                                         f"[0, {self.width}] x [0, {self.height}] (got [{_show(x)}, {_show(y)}])")
 
     @property
     def width(self) -> int:
@@ -168,6 +406,11 @@ class GenerationRequest(BaseModel):
         return 1 if self.output == "image" else round(self.seconds * self.fps)
 
 
+def parse_request(data: dict, policy: ReferencePolicy = UNTRUSTED) -> GenerationRequest:
+    """Validates a request from a caller with the given trust (the CLI passes TRUSTED)."""
+    return GenerationRequest.model_validate(data, context=policy.context())
+
+
 def request_error_message(exc: ValidationError) -> str:
     """One line: each violation as "<field path>: <message>", joined by "; "."""
     return "; ".join(_describe(error) for error in exc.errors())
@@ -181,8 +424,7 @@ def _describe(error: dict) -> str:
     elif kind == "missing":
         message = "required"
     elif kind == "extra_forbidden":
-        model = Shot if error["loc"][0] == "shots" else GenerationRequest
-        message = f"unknown field; allowed: {', '.join(model.model_fields)}"
+        message = f"unknown field; allowed: {', '.join(_model_at(error['loc'][:-1]).model_fields)}"
     else:
         message = error["msg"]
         shown = error.get("input")
@@ -192,9 +434,39 @@ def _describe(error: dict) -> str:
     return f"{path}: {message}" if path else message
 
 
+def _model_at(loc: tuple) -> type[BaseModel]:
+    """The pydantic model that holds the field at `loc` (list indices skipped)."""
+    model = GenerationRequest
+    for part in loc:
+        if isinstance(part, str) and part in model.model_fields:
+            inner = _nested_model(model.model_fields[part].annotation)
+            model = inner or model
+    return model
+
+
+def _nested_model(annotation) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+OPTIONAL_FIELDS = ("mode", "voices", "elements", "input_reference", "input_video", "input_audio", "physics")
+"""Fields added after the first release: left out of the canonical form while at their defaults, so
+artifact keys of requests that do not use them never change."""
+
+
 def normalized(request: GenerationRequest) -> dict:
-    """The canonical JSON-able form: every field with defaults filled, floats rounded."""
-    return _round_floats(request.model_dump(mode="json"))
+    """The canonical JSON-able form: every field with defaults filled (the optional feature fields
+    only when set to something other than their default), floats rounded."""
+    document = request.model_dump(mode="json")
+    for name in OPTIONAL_FIELDS:
+        if document[name] == GenerationRequest.model_fields[name].get_default(call_default_factory=True):
+            del document[name]
+    return _round_floats(document)
 
 
 def _round_floats(value: Any) -> Any:

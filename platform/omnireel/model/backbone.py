@@ -17,6 +17,9 @@ from .config import LANGUAGES, MODALITIES, MODALITY_GROUPS, BackboneConfig
 from .layout import TokenLayout, patchify, unpatchify
 from .rope import SpacetimeRoPE, apply_rope
 
+FIRST_OPTIONAL_MODALITY = MODALITIES.index("motion")   # modalities from here on came with optional streams
+OPTIONAL_STREAMS_SEED = 7919
+
 
 @dataclass
 class ConditionTokens:
@@ -25,10 +28,14 @@ class ConditionTokens:
     language: torch.Tensor   # (B,) long index into LANGUAGES
     voices: torch.Tensor     # (B, V, speaker_dim)
     refs: torch.Tensor       # (B, R, C, h, w) reference-image latents
+    voice_names: torch.Tensor | None = None   # (B, V, text_dim): the bound characters' names, pooled
+    tracks: torch.Tensor | None = None        # (B, N * T, track_dim): trajectory tokens, layout order
 
     def repeat(self, n: int) -> "ConditionTokens":
-        return ConditionTokens(*(t.repeat(n, *([1] * (t.dim() - 1))) for t in
-                                 (self.captions, self.language, self.voices, self.refs)))
+        def rows(t):
+            return None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
+        return ConditionTokens(*(rows(t) for t in (self.captions, self.language, self.voices, self.refs,
+                                                   self.voice_names, self.tracks)))
 
 
 @dataclass
@@ -39,6 +46,7 @@ class PreparedLayout:
     mask: object                               # None | (L, L) bool | BlockMask
     modality: torch.Tensor                     # (L,) long
     timestep: torch.Tensor                     # (L,) long
+    cue: torch.Tensor | None = None            # (L,) bool: audio cue tokens
 
 
 class ModalityLinear(nn.Module):
@@ -137,10 +145,12 @@ class OmniBackbone(nn.Module):
         self.text_adapter = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.null_caption = nn.Parameter(torch.zeros(d))       # CFG's unconditional caption
         self.language_embed = nn.Embedding(len(LANGUAGES), d)
-        self.voice_embed = nn.Linear(cfg.speaker_dim, d)
+        self.voice_embed = nn.Linear(cfg.speaker_dim, d)         # + the character's name, through text_adapter
         self.patch_embed = nn.Linear(patch_dim, d)               # video and reference latents
         self.audio_embed = nn.Linear(cfg.audio_channels, d)
-        self.modality_embed = nn.Embedding(len(MODALITIES), d)
+        self.modality_embed = nn.Embedding(len(MODALITIES), d, _weight=torch.empty(len(MODALITIES), d))
+        with torch.no_grad():
+            self.modality_embed.weight[:FIRST_OPTIONAL_MODALITY].normal_()
         # timestep -> adaLN modulation, computed once per distinct timestep
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
@@ -153,12 +163,21 @@ class OmniBackbone(nn.Module):
         self.head_modulation = nn.Parameter(torch.randn(2, d) / math.sqrt(d))
         self.video_head = nn.Linear(d, patch_dim)
         self.audio_head = nn.Linear(d, cfg.audio_channels)
+        # Optional streams (trajectory tokens, audio cues) draw their initial weights from a forked RNG,
+        # so every other weight of a seeded checkpoint is what it was before these streams existed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() + OPTIONAL_STREAMS_SEED)
+            self.track_embed = nn.Linear(cfg.track_dim, d)               # trajectory (motion) tokens
+            self.cue_embed = nn.Parameter(torch.randn(d) / math.sqrt(d))  # audio tokens at collision cues
+            with torch.no_grad():
+                self.modality_embed.weight[FIRST_OPTIONAL_MODALITY:].normal_()
 
     def prepare(self, layout: TokenLayout, device) -> PreparedLayout:
         """Everything about the token layout that does not change between denoising steps."""
         return PreparedLayout(layout=layout, rope=self.rope(layout.position.to(device)),
                               mask=build_attention_mask(layout.shot, layout.caption, device),
-                              modality=layout.modality.to(device), timestep=layout.timestep.to(device))
+                              modality=layout.modality.to(device), timestep=layout.timestep.to(device),
+                              cue=None if layout.cue is None or not layout.cue.any() else layout.cue.to(device))
 
     def embed(self, video, audio, cond: ConditionTokens, prep: PreparedLayout, drop_captions) -> torch.Tensor:
         """All streams -> (B, L, d) in layout order."""
@@ -170,10 +189,17 @@ class OmniBackbone(nn.Module):
         refs = cond.refs.flatten(0, 1).unsqueeze(2)                                 # (B*R, C, 1, h, w)
         ref_span = prep.layout.spans["ref"]
         ref_tokens = patchify(refs, patch).reshape(B, ref_span.stop - ref_span.start, self.patch_embed.in_features)
-        streams = [text, self.language_embed(cond.language)[:, None], self.voice_embed(cond.voices),
-                   self.patch_embed(ref_tokens), self.patch_embed(patchify(video, patch)),
-                   self.audio_embed(audio.transpose(1, 2))]
-        return torch.cat(streams, 1) + self.modality_embed(prep.modality)
+        voices = self.voice_embed(cond.voices)                                      # (B, V, d)
+        if cond.voice_names is not None:
+            voices = voices + self.text_adapter(cond.voice_names)
+        streams = [text, self.language_embed(cond.language)[:, None], voices, self.patch_embed(ref_tokens)]
+        if "motion" in prep.layout.spans:
+            streams.append(self.track_embed(cond.tracks))                           # (B, N*T, d)
+        streams += [self.patch_embed(patchify(video, patch)), self.audio_embed(audio.transpose(1, 2))]
+        x = torch.cat(streams, 1) + self.modality_embed(prep.modality)
+        if prep.cue is not None:
+            x = x + prep.cue[:, None].to(x.dtype) * self.cue_embed.to(x.dtype)
+        return x
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor, sigmas: torch.Tensor,
                 cond: ConditionTokens, prep: PreparedLayout, drop_captions: torch.Tensor | None = None):

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# Token streams of the joint sequence (DESIGN.md §3). The integer is the modality id.
-MODALITIES = ("text", "lang", "voice", "ref", "video", "audio")
+# Token streams of the joint sequence (DESIGN.md §3). The integer is the modality id. "motion"
+# (trajectory tokens of a simulated scene) is optional: it has tokens only when a request has physics.
+MODALITIES = ("text", "lang", "voice", "ref", "video", "audio", "motion")
 MODALITY_ID = {name: i for i, name in enumerate(MODALITIES)}
 # Weight groups of the per-modality first/last blocks: which group each modality uses.
 MODALITY_GROUPS = ("text", "video", "audio")
-GROUP_OF_MODALITY = {"text": 0, "lang": 0, "voice": 0, "ref": 1, "video": 1, "audio": 2}
+GROUP_OF_MODALITY = {"text": 0, "lang": 0, "voice": 0, "ref": 1, "motion": 1, "video": 1, "audio": 2}
 LANGUAGES = ("en", "zh", "ja", "ko", "es")
 MAX_SHOTS = 6
 
@@ -26,7 +27,8 @@ class BackboneConfig:
     mlp_hidden: int = 1024         # MLP hidden width
     modality_blocks: int = 1       # first and last k blocks hold per-modality weights
     text_dim: int = 384            # text encoder width (adapter input)
-    speaker_dim: int = 256         # speaker embedding width (voice tokens)
+    speaker_dim: int = 256         # speaker embedding width (voice tokens; the GE2E encoder's)
+    track_dim: int = 8             # features per trajectory token (physics.TRACK_FEATURES)
     video_channels: int = 8        # video latent channels C
     audio_channels: int = 8        # audio latent channels
     patch: tuple[int, int, int] = (1, 2, 2)  # video patch (t, y, x) in latent units

@@ -1,13 +1,16 @@
 """Packs every modality into one token sequence and unpacks the prediction (DESIGN.md §3).
 
-Order of streams: text (global caption, then shot captions), lang, voice, ref, video, audio. That
-order makes the per-modality weight groups contiguous: text group = text + lang + voice,
-video group = ref + video, audio group = audio.
+Order of streams: text (global caption, then shot captions), lang, voice, ref, [motion], video,
+audio. That order makes the per-modality weight groups contiguous: text group = text + lang + voice,
+video group = ref + motion + video, audio group = audio. The motion stream (trajectory tokens of a
+simulated scene: one per track per latent frame, at that frame's time and the track's place) is
+optional: it and its span exist only when the spec has tracks.
 
 Every token carries: a modality id, a shot id (-1 = global), a shot-caption flag, a timestep index
 into the per-row sigma table (0 clean, 1 video sigma, 2 audio sigma) and a position
 (t seconds, y, x). Video latent k covers frames 4k-3..4k (latent 0: frame 0) and sits at the time of
-its first frame; audio latent i sits at i / 25 s; each cut adds `shot_gap_seconds`.
+its first frame; audio latent i sits at i / 25 s; each cut adds `shot_gap_seconds`. Audio cue tokens
+(the audio latents at collision times of a simulated scene) carry a `cue` flag.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ class LayoutSpec:
     refs: int = 0                      # reference images (one latent frame each, same h, w)
     video_clean_frames: int = 0        # leading clean video latents (image-to-video, extension)
     audio_clean: bool = False          # audio given (audio-driven video)
+    tracks: int = 0                    # trajectory tracks (motion tokens: tracks x latent_frames)
+    track_cells: tuple[float, ...] = ()   # (tracks, latent_frames, 2) flattened (y, x) in latent cells
+    audio_cues: tuple[int, ...] = ()   # audio latents flagged as cues (collision times)
 
     def __post_init__(self):
         shots = len(self.shot_starts)
@@ -46,6 +52,10 @@ class LayoutSpec:
             raise ValueError("every shot needs at least one latent frame")
         if len(self.caption_lengths) not in (1, shots + 1) or (shots > 1 and len(self.caption_lengths) == 1):
             raise ValueError(f"need a global caption plus one per shot for {shots} shots")
+        if self.track_cells and len(self.track_cells) != 2 * self.tracks * self.latent_frames:
+            raise ValueError(f"track_cells needs 2 x {self.tracks} tracks x {self.latent_frames} frames numbers")
+        if any(not 0 <= c < self.audio_frames for c in self.audio_cues):
+            raise ValueError(f"audio_cues must index the {self.audio_frames} audio latents: {self.audio_cues}")
 
 
 def latent_first_frame(k: torch.Tensor) -> torch.Tensor:
@@ -63,6 +73,7 @@ class TokenLayout:
     spans: dict[str, slice]   # stream name -> token span
     video_grid: tuple[int, int, int]  # (T, h', w') patch grid
     spec: LayoutSpec
+    cue: torch.Tensor | None = None   # (L,) bool, audio cue tokens
 
     @property
     def length(self) -> int:
@@ -109,6 +120,12 @@ def build_layout(spec: LayoutSpec, cfg: BackboneConfig) -> TokenLayout:
     k = torch.arange(spec.latent_frames)
     frame_shot = torch.searchsorted(shot_starts, k, right=True) - 1           # (T,)
     frame_time = latent_first_frame(k) / spec.fps + gap * frame_shot          # (T,)
+    if spec.tracks:   # motion: track-major, one token per latent frame; (y, x) in patch units, where
+        # patch token i covers latent cells [ph*i, ph*(i+1)) and a point at cell c sits at (c + .5) / ph - .5
+        cells = (torch.tensor(spec.track_cells, dtype=torch.float32).view(-1, 2) if spec.track_cells
+                 else torch.zeros(spec.tracks * spec.latent_frames, 2))
+        add("motion", spec.tracks * spec.latent_frames, "motion", frame_time.repeat(spec.tracks),
+            shot=frame_shot.repeat(spec.tracks), yx=(cells + 0.5) / torch.tensor([ph, pw]) - 0.5)
     frame_step = torch.where(k < spec.video_clean_frames, CLEAN, VIDEO_SIGMA)
     per_frame = gh * gw
     add("video", T * per_frame, "video", frame_time.repeat_interleave(per_frame),
@@ -122,6 +139,8 @@ def build_layout(spec: LayoutSpec, cfg: BackboneConfig) -> TokenLayout:
     audio_shot = (torch.searchsorted(shot_start_times, audio_time, right=True) - 1).clamp(min=0)
     add("audio", spec.audio_frames, "audio", audio_time + gap * audio_shot, shot=audio_shot,
         timestep=torch.full((spec.audio_frames,), CLEAN if spec.audio_clean else AUDIO_SIGMA))
+    audio_cue = torch.zeros(spec.audio_frames, dtype=torch.bool)
+    audio_cue[list(spec.audio_cues)] = True
 
     spans, start = {}, 0
     for p in parts:
@@ -129,9 +148,11 @@ def build_layout(spec: LayoutSpec, cfg: BackboneConfig) -> TokenLayout:
         spans[p["name"]] = slice(start, start + n)
         start += n
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
+    cue = torch.zeros(start, dtype=torch.bool)
+    cue[spans["audio"]] = audio_cue
     return TokenLayout(modality=cat("modality"), shot=cat("shot"), caption=cat("caption"),
                        timestep=cat("timestep"), position=cat("position"), spans=spans,
-                       video_grid=(T, gh, gw), spec=spec)
+                       video_grid=(T, gh, gw), spec=spec, cue=cue)
 
 
 def patchify(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
