@@ -34,8 +34,11 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("omnireel_http_requests", "counter", "HTTP requests answered", ("route", "code")),
     MetricSpec("omnireel_batch_rows", "counter", "Batch manifest rows finished", ("outcome",)),
     MetricSpec("omnireel_batch_videos_per_hour", "gauge", "Batch throughput over the run so far", ()),
+    MetricSpec("omnireel_batch_denoise_busy_ratio", "gauge",
+               "Fraction of a batch run's warm window the denoise actors spent running the backbone", ()),
 )}
 
+_METHODS = {"counter": "inc", "gauge": "set", "histogram": "observe"}
 _lock = threading.Lock()
 _created: dict[str, object] = {}
 REGISTRY = None   # prometheus_client.CollectorRegistry, created on first non-Ray use
@@ -57,8 +60,8 @@ class _RayMetric:
         self.metric = kinds[spec.kind](spec.name, description=spec.description, tag_keys=spec.labels, **kwargs)
 
     def record(self, kind: str, value: float, labels: dict) -> None:
-        {"counter": self.metric.inc, "gauge": self.metric.set, "histogram": self.metric.observe}[kind](
-            value, tags=labels or None)
+        # by name: a Histogram has no `inc`, a Counter no `set` (a dict of bound methods would fail)
+        getattr(self.metric, _METHODS[kind])(value, tags=labels or None)
 
 
 class _PrometheusMetric:
@@ -73,7 +76,7 @@ class _PrometheusMetric:
 
     def record(self, kind: str, value: float, labels: dict) -> None:
         target = self.metric.labels(**labels) if labels else self.metric
-        {"counter": target.inc, "gauge": target.set, "histogram": target.observe}[kind](value)
+        getattr(target, _METHODS[kind])(value)
 
 
 def record(name: str, value: float = 1.0, **labels: str) -> None:

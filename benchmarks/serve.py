@@ -1,0 +1,138 @@
+"""The Serve app against LocalEngine: end-to-end HTTP latency at concurrency 1 (as a ratio) and
+jobs/minute at concurrency 1, 4 and 8.
+
+    python benchmarks/serve.py [--checkpoint DIR] [--size 32x32 --seconds 0.5 --fps 8 --steps 4]
+
+The latency ratio is printed for that (tiny) request and, to show how the fixed per-job cost of
+the served path (HTTP, job store writes, one hop per stage, polling) amortizes, for a larger one
+(--larger-size, 1 s at 12 fps, 8 steps).
+
+Starts a local Ray and the app from deployments/serve_config.yaml (one replica per deployment, the
+same torch thread count as the LocalEngine run), on a free port. One HTTP job = POST /v1/videos,
+GET /v1/videos/{id} every 20 ms until completed, GET .../content; every job has its own seed, so no
+artifact is reused. On a 2-core machine the concurrency figures show contention, not scaling.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+POLL_S = 0.02
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_job(url: str, body: dict) -> float:
+    """Seconds from POST to the downloaded MP4."""
+    start = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=600) as http:
+        video = http.post("/v1/videos", json=body).raise_for_status().json()
+        while video["status"] not in ("completed", "failed"):
+            time.sleep(POLL_S)
+            video = http.get(f"/v1/videos/{video['id']}").raise_for_status().json()
+        if video["status"] != "completed":
+            raise RuntimeError(f"job failed: {video['error']}")
+        http.get(f"/v1/videos/{video['id']}/content").raise_for_status()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint folder (default: a fresh tiny one)")
+    parser.add_argument("--size", default="32x32")
+    parser.add_argument("--seconds", default="0.5")
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--larger-size", default="128x128", help="frame size of the larger request")
+    parser.add_argument("--repeats", type=int, default=5, help="jobs per latency measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, LocalEngine and every replica")
+    options = parser.parse_args()
+
+    import ray
+
+    from omnireel.checkpoint import init_checkpoint
+    from omnireel.config import GenerationRequest
+    from omnireel.deployments.app import (APP_NAME, DEPLOYMENTS, configure, load_serve_config, serve_run,
+                                          wait_until_running)
+    from omnireel.engine import LocalEngine
+
+    workdir = tempfile.mkdtemp(prefix="omnireel-bench-serve-")
+    checkpoint = options.checkpoint or os.path.join(workdir, "tiny")
+    if not options.checkpoint:
+        init_checkpoint("tiny", checkpoint, seed=0)
+    fields = {"prompt": "a paper boat drifting down a rainy street", "size": options.size,
+              "seconds": options.seconds, "fps": options.fps, "steps": options.steps}
+
+    torch.set_num_threads(options.threads)
+    engine = LocalEngine(checkpoint)
+    engine.render(GenerationRequest(**fields, seed=0))                          # warm-up
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    port = free_port()
+    one_each = {d.name: {"num_replicas": 1, "autoscaling_config": None} for d in DEPLOYMENTS}
+    config = configure(load_serve_config(), deployments=one_each, host="127.0.0.1", port=port, args={
+        "checkpoint": checkpoint, "storage_uri": os.path.join(workdir, "store"), "threads": options.threads,
+        "replica_cpus": 0.25, "cpus_per_rank": 0.25, "control_cpus": 0.05, "max_active_jobs": 64,
+        "runner_max_ongoing": 8})
+    started = time.perf_counter()
+    serve_run(config, ray.get_runtime_context().gcs_address)
+    wait_until_running(APP_NAME)
+    startup = time.perf_counter() - started
+    url = f"http://127.0.0.1:{port}"
+    seed = iter(range(1000, 10**6))
+    larger = {**fields, "size": options.larger_size, "seconds": "1", "fps": 12, "steps": 8}
+    latency = {}
+    for name, request in (("tiny", fields), ("larger", larger)):
+        http_job(url, {**request, "seed": next(seed)})                          # warm-up
+        engine.render(GenerationRequest(**request, seed=next(seed)))
+        local, served, stages = [], [], []
+        for _ in range(options.repeats):    # interleaved, so both see the same machine load
+            start = time.perf_counter()
+            stages.append(engine.render(GenerationRequest(**request, seed=next(seed))).timings)
+            local.append(time.perf_counter() - start)
+            served.append(http_job(url, {**request, "seed": next(seed)}))
+        latency[name] = (request, statistics.median(local), statistics.median(served),
+                         {stage: statistics.median(t[stage] for t in stages) for stage in stages[0]})
+
+    rates = {}
+    for concurrency in (1, 4, 8):
+        jobs = max(8, 2 * concurrency)
+        bodies = [{**fields, "seed": next(seed)} for _ in range(jobs)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda body: http_job(url, body), bodies))
+        rates[concurrency] = jobs / (time.perf_counter() - start) * 60
+
+    print(f"tiny preset, torch threads {options.threads}, {os.cpu_count()} CPU cores, app startup {startup:.0f} s; "
+          f"median of {options.repeats} jobs, LocalEngine and HTTP runs interleaved")
+    for name, (request, local_s, served_s, stages) in latency.items():
+        print(f"latency at concurrency 1, {name} request ({request['size']}, {request['seconds']} s at "
+              f"{request['fps']} fps, {request['steps']} steps): LocalEngine {local_s:.3f} s, HTTP end to end "
+              f"{served_s:.3f} s, ratio {served_s / local_s:.2f} (target <= 1.10)")
+        print("  LocalEngine stages: " + ", ".join(f"{stage} {t:.3f} s" for stage, t in stages.items()))
+    print("jobs/minute (tiny request): " + ", ".join(f"concurrency {c}: {rate:.1f}" for c, rate in rates.items()))
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""build_app(args): the OmniReel Serve application (the import_path of `serve run`, `serve deploy`
+and KubeRay's serveConfigV2), the Serve config YAML beside it, and `omnireel serve`.
+
+    Ingress ──create/get/list/delete──> JobStore ──run(ticket)──> JobRunner ──STAGE_GRAPH──┐
+                                           ^                                                │
+          TextEncoder, VoiceEncoder, MediaEncoder, Backbone (TP group), VideoDecoder, AudioDecoder
+
+Where things are set: replicas and autoscaling only in serve_config.yaml's `deployments:` section;
+per-replica resources, the Backbone's placement group bundles, queue bounds and request limits
+from AppArgs (the YAML's `args:`), applied here.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from omnireel.parallel.group import BackboneGroup
+from omnireel.stages import STAGE_GRAPH
+
+from .args import AppArgs
+from .backbone import Backbone
+from .decoders import AudioDecoder, VideoDecoder
+from .encoders import MediaEncoder, TextEncoder, VoiceEncoder
+from .ingress import Ingress
+from .jobs import JobRunner, JobStore
+
+APP_NAME = "omnireel"
+CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
+STAGE_DEPLOYMENTS = {"encode_text": TextEncoder, "encode_voice": VoiceEncoder, "encode_media": MediaEncoder,
+                     "denoise": Backbone, "decode_video": VideoDecoder, "decode_audio": AudioDecoder}
+DEPLOYMENTS = (Ingress, JobStore, JobRunner, *STAGE_DEPLOYMENTS.values())
+LOCAL_CPUS = {"replica_cpus": 0.2, "cpus_per_rank": 0.2, "control_cpus": 0.05}   # `omnireel serve` on one machine
+
+
+def build_app(args: dict | AppArgs):
+    """The Serve application for `args` (a dict, as the YAML gives it, or AppArgs)."""
+    args = AppArgs.model_validate(args if isinstance(args, dict) else args.model_dump()).resolved()
+    control = {"num_cpus": args.control_cpus}
+    store = JobStore.options(ray_actor_options=control).bind(args)
+    stages = {}
+    for stage in STAGE_GRAPH:
+        deployment = STAGE_DEPLOYMENTS.get(stage.name)
+        if deployment is None:                    # no model (mux): runs in the JobRunner
+            continue
+        if deployment is Backbone:                # the replica's CPUs join rank 0's bundle
+            stages[stage.name] = Backbone.options(
+                ray_actor_options={"num_cpus": args.replica_cpus},
+                placement_group_bundles=BackboneGroup.bundles(args.tp, args.use_gpu, args.cpus_per_rank,
+                                                              host={"CPU": args.replica_cpus}),
+                placement_group_strategy="STRICT_PACK").bind(args, store)
+        else:
+            gpus = 1 if args.use_gpu and stage.resources.get("GPU") else 0
+            stages[stage.name] = deployment.options(
+                ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpus}).bind(args)
+    runner = JobRunner.options(ray_actor_options=control, max_ongoing_requests=args.runner_max_ongoing,
+                               max_queued_requests=args.runner_max_queued).bind(args, store, stages)
+    return Ingress.options(ray_actor_options=control, max_ongoing_requests=args.ingress_max_ongoing,
+                           max_queued_requests=args.ingress_max_queued).bind(args, store, runner, stages)
+
+
+# ---- the Serve config YAML -------------------------------------------------------------------------
+
+def load_serve_config(path: str | Path = CONFIG_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def configure(config: dict, *, args: dict | None = None, deployments: dict[str, dict] | None = None,
+              host: str | None = None, port: int | None = None) -> dict:
+    """A copy of a Serve config with the OmniReel app's args and deployment options overridden (an
+    option set to None is removed), validated against ServeDeploySchema and AppArgs."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = copy.deepcopy(config)
+    application = next(a for a in config["applications"] if a["name"] == APP_NAME)
+    application["args"] = {**(application.get("args") or {}), **(args or {})}
+    entries = {d["name"]: d for d in application.setdefault("deployments", [])}
+    for name, options in (deployments or {}).items():
+        if name not in entries:
+            entries[name] = {"name": name}
+            application["deployments"].append(entries[name])
+        entries[name].update(options)
+        for key in [k for k, v in entries[name].items() if v is None]:
+            del entries[name][key]
+    http = config.setdefault("http_options", {})
+    http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    ServeDeploySchema.model_validate(config)
+    AppArgs.model_validate(application["args"])
+    return config
+
+
+def serve_run(config: dict, address: str | None = None) -> None:
+    """Submits `config` exactly as `serve run CONFIG.yaml --non-blocking` does (it runs that command)."""
+    from ray.serve.scripts import cli
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+        yaml.safe_dump(config, file, sort_keys=False)
+    argv = ["run", file.name, "--non-blocking", *(["--address", address] if address else [])]
+    try:
+        cli.main(args=argv, prog_name="serve", standalone_mode=False)
+    finally:
+        os.unlink(file.name)
+
+
+def wait_until_running(name: str = APP_NAME, timeout_s: float = 900.0) -> None:
+    """Blocks until the app is RUNNING (every replica constructed, so loaded and warmed up)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"Serve app {name!r} is {status.status}: {status.message}")
+        time.sleep(1.0)
+    raise TimeoutError(f"Serve app {name!r} not running within {timeout_s:g}s")
+
+
+def serve_command(options) -> None:
+    """`omnireel serve`: the Serve config YAML with the command line's overrides, on localhost."""
+    import ray
+    from ray import serve
+
+    args = dict(item.split("=", 1) for item in options.set or [])
+    args = {key: yaml.safe_load(value) for key, value in args.items()}
+    for key in ("checkpoint", "tp", "threads"):
+        if getattr(options, key) is not None:
+            args[key] = getattr(options, key)
+    if options.storage:
+        args["storage_uri"] = options.storage
+    if options.api_key:
+        args["api_keys"] = options.api_key
+    if options.address is None:     # one local machine: every stage shares its cores (logical CPUs)
+        for key, value in LOCAL_CPUS.items():
+            args.setdefault(key, value)
+    host = options.host or (None if options.config else "127.0.0.1")   # the YAML's own is for clusters
+    config = configure(load_serve_config(options.config or CONFIG_PATH), args=args, host=host, port=options.port)
+    serve_run(config, options.address)
+    wait_until_running()
+    http = config["http_options"]
+    print(f"omnireel: serving {APP_NAME} at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/v1 "
+          f"(OpenAPI schema at /openapi.json)", flush=True)
+    if options.non_blocking:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,49 @@
+"""AppArgs: build_app's arguments, the `args:` of the Serve config YAML. Every replica receives the
+resolved AppArgs (a small pydantic model: unpickling it imports nothing heavy)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AppArgs(BaseModel):
+    """build_app's arguments: the `args:` of the Serve config YAML."""
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Optional[str] = Field(None, description="checkpoint folder (default: the embedded small one)")
+    model_name: Optional[str] = Field(None, description='model id in the API (default "omnireel-<preset>")')
+    tp: int = Field(1, ge=1, description="tensor-parallel degree of each Backbone replica")
+    use_gpu: bool = Field(False, description="ranks and GPU stages take a GPU each")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads per replica and per rank")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs of each stage replica")
+    cpus_per_rank: float = Field(1.0, gt=0, description="CPUs of each Backbone rank actor")
+    control_cpus: float = Field(0.25, ge=0, description="CPUs of each ingress, job store and runner replica")
+    storage_uri: Optional[str] = Field(None, description="jobs and artifacts (default $OMNIREEL_HOME/serve)")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    max_body_bytes: int = Field(32 << 20, ge=1024, description="largest request body (413 beyond)")
+    max_upload_bytes: int = Field(16 << 20, ge=1, description="largest uploaded file (413 beyond)")
+    max_upload_seconds: float = Field(20.0, gt=0, description="longest uploaded video or audio")
+    allowed_schemes: list[str] = Field(["s3", "gs", "https"], description="reference URI schemes allowed")
+    allowed_buckets: Optional[list[str]] = Field(None, description="s3/gs buckets allowed (None: any)")
+    max_active_jobs: int = Field(64, ge=1, description="jobs queued or in progress in the store (429 beyond)")
+    runner_max_ongoing: int = Field(4, ge=1, description="jobs one JobRunner replica runs at once")
+    runner_max_queued: int = Field(16, ge=1, description="jobs waiting for a runner before they wait in the store")
+    ingress_max_ongoing: int = Field(64, ge=1, description="requests one ingress replica serves at once")
+    ingress_max_queued: int = Field(256, ge=1, description="requests waiting for an ingress replica (503 beyond)")
+    job_attempts: int = Field(2, ge=1, description="tries of a job whose replica was lost")
+    job_timeout_s: float = Field(1800.0, gt=0, description="a job not done by then fails (code timeout)")
+    lease_s: float = Field(30.0, gt=0, description="a running job without a heartbeat this long is retried")
+    video_ttl_s: float = Field(86400.0, gt=0, description="finished jobs and videos expire this long after")
+    collect_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are collected")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of 429 and 503 answers")
+
+    def resolved(self) -> "AppArgs":
+        """Defaults that need the environment, fixed once so that every replica sees the same."""
+        from omnireel.checkpoint import default_checkpoint
+        home = Path(os.environ.get("OMNIREEL_HOME", "~/.cache/omnireel")).expanduser()
+        return self.model_copy(update={
+            "checkpoint": str(Path(self.checkpoint).expanduser()) if self.checkpoint else str(default_checkpoint()),
+            "storage_uri": self.storage_uri or str(home / "serve")})

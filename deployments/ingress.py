@@ -1,0 +1,358 @@
+"""The FastAPI ingress: the OpenAI Videos API (and images, models, health) over the JobStore.
+
+The ingress is stateless (any number of replicas): it checks and parses requests, then asks the
+JobStore, which owns every job. Routes (shapes as in the `openai` package's types):
+
+    POST   /v1/videos                   create (JSON or multipart) -> Video (status "queued")
+    GET    /v1/videos                   cursor list: after, limit (1..100), order -> {data, first_id, last_id, has_more}
+    GET    /v1/videos/{id}              Video: status, progress 0-100, created/completed/expires_at,
+                                        error {code, message}
+    GET    /v1/videos/{id}/content      the MP4 (variant=thumbnail: a PNG of the first frame)
+    DELETE /v1/videos/{id}              cancels (job ends failed, code "cancelled") or deletes -> {id, object, deleted}
+    POST   /v1/images/generations       one frame through the same pipeline -> {created, data: [{b64_json}]}
+    GET    /v1/models, /v1/models/{id}  the served model
+    GET    /healthz                     200 once every deployment is loaded and warmed up, else 503
+    GET    /metrics                     this node's Prometheus text (Ray's endpoint; OmniReel names carry `ray_`)
+
+Errors are {"error": {message, type, param, code}}: 400 bad input, 401 missing/wrong API key, 404
+unknown id, 409 Idempotency-Key reuse, 413 too large, 415 content type, 429/503 with Retry-After.
+"""
+# No `from __future__ import annotations`: FastAPI must see real types on Serve's wrapped methods.
+import asyncio
+import base64
+import hashlib
+import io
+import secrets
+import time
+import urllib.request
+import uuid
+from typing import Literal, Optional
+
+import av
+import ray
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from omnireel import metrics, storage
+from omnireel.checkpoint import read_config, read_digest
+from omnireel.config import normalized, request_key
+from omnireel.media import encode_png
+from omnireel.plan import PlanError, plan_request
+
+from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor
+from .request_parsing import (APIError, VideoCreateBody, check_media_fields, generation_request, parse_body,
+                              read_body)
+
+STORE_TIMEOUT_S = 30.0          # how long a request waits for the job store (e.g. while it restarts)
+
+
+# ---- response shapes (documented in /openapi.json) ----------------------------------------------
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int
+    created_at: int
+    completed_at: Optional[int] = None
+    expires_at: Optional[int] = None
+    error: Optional[VideoError] = None
+    prompt: Optional[str] = None
+    seconds: str
+    size: str
+    remixed_from_video_id: Optional[str] = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: Optional[str] = None
+    last_id: Optional[str] = None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool
+
+
+class ImageData(BaseModel):
+    b64_json: str
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png"] = "png"
+    size: str
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "omnireel"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+app = FastAPI(title="OmniReel", version="0.1.0",
+              description="Text/image/video/audio -> video with native audio, in the OpenAI Videos API's shapes.")
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    return JSONResponse(error_body(400, f"{param}: {first['msg']}" if param else first["msg"], param,
+                                   "invalid_value"), 400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+
+@app.middleware("http")
+async def _count_requests(request: Request, call_next):
+    response = await call_next(request)
+    route = request.scope.get("route")
+    metrics.record("omnireel_http_requests", route=getattr(route, "path", "unmatched"), code=str(response.status_code))
+    return response
+
+
+# Helpers come before the deployment class: Serve pickles the class when it is decorated.
+def unknown(video_id: str) -> APIError:
+    return APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+
+
+def first_frame_png(mp4: bytes) -> bytes:
+    """The first frame of an MP4 (or the PNG itself), as PNG; decodes one frame only."""
+    if mp4[:8] == b"\x89PNG\r\n\x1a\n":
+        return mp4
+    with av.open(io.BytesIO(mp4)) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")   # (H, W, 3)
+    return encode_png(frame)
+
+
+CREATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": VideoCreateBody.model_json_schema()},
+    "multipart/form-data": {"schema": VideoCreateBody.model_json_schema()}}}}
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, args, store, runner, stages: dict):
+        self.args, self.store = args, store
+        self.deployments = {"JobStore": store, "JobRunner": runner, **stages}   # what /healthz asks
+        config = read_config(args.checkpoint)
+        self.config, self.digest = config, read_digest(args.checkpoint)
+        self.model_id = args.model_name or f"omnireel-{config.name}"
+        self.started = int(time.time())
+
+    # -- videos --
+
+    @app.post("/v1/videos", response_model=Video, openapi_extra=CREATE_BODY)
+    async def create_video(self, request: Request) -> dict:
+        self._authorize(request)
+        fields = await parse_body(request, await read_body(request, self.args.max_body_bytes))
+        record = await self._create(request, fields, "video")
+        return record.video()
+
+    @app.get("/v1/videos", response_model=VideoList)
+    async def list_videos(self, request: Request, after: Optional[str] = None,
+                          limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc") -> dict:
+        self._authorize(request)
+        try:
+            records, has_more = await self._ask_store("listing", "video", after, limit, order)
+        except UnknownCursor as exc:
+            raise APIError(400, str(exc), param="after")
+        data = [r.video() for r in records]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+    @app.get("/v1/videos/{video_id}", response_model=Video)
+    async def retrieve_video(self, request: Request, video_id: str) -> dict:
+        self._authorize(request)
+        return (await self._video(video_id)).video()
+
+    @app.get("/v1/videos/{video_id}/content", response_class=Response,
+             responses={200: {"content": {"video/mp4": {}, "image/png": {}}}})
+    async def download_content(self, request: Request, video_id: str,
+                               variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> Response:
+        self._authorize(request)
+        record = await self._video(video_id)
+        if record.status != "completed":
+            raise APIError(400, f"video {video_id} has no content: its status is {record.status}",
+                           param="video_id", code="not_ready")
+        if variant == "spritesheet":
+            raise APIError(400, "variant: 'spritesheet' is not available; use 'video' or 'thumbnail'", param="variant")
+        try:
+            data = await asyncio.to_thread(storage.read_bytes, record.artifact)
+        except FileNotFoundError:
+            raise APIError(404, f"the content of video {video_id} is gone (deleted or expired)", param="video_id")
+        if variant == "thumbnail":
+            return Response(await asyncio.to_thread(first_frame_png, data), media_type="image/png")
+        return Response(data, media_type="video/mp4")
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
+    async def delete_video(self, request: Request, video_id: str) -> dict:
+        self._authorize(request)
+        await self._video(video_id)
+        if await self._ask_store("delete", video_id) is None:
+            raise unknown(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    # -- images --
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def generate_image(self, request: Request) -> dict:
+        self._authorize(request)
+        fields = await parse_body(request, await read_body(request, self.args.max_body_bytes))
+        fields.pop("user", None)
+        if fields.pop("n", 1) not in (1, "1"):
+            raise APIError(400, "n: only 1 image per request is supported", param="n")
+        if fields.pop("response_format", None) not in (None, "b64_json"):
+            raise APIError(400, "response_format: only 'b64_json' is supported", param="response_format")
+        if fields.pop("output_format", None) not in (None, "png"):
+            raise APIError(400, "output_format: only 'png' is supported", param="output_format")
+        record = await self._create(request, fields, "image")
+        record = await self._ask_store("wait", record.id, self.args.job_timeout_s,
+                                       timeout_s=self.args.job_timeout_s + 30)
+        if record is None or record.status != "completed":
+            error = record.error if record is not None and record.error else None
+            raise APIError(500, f"image generation failed: {error.message if error else 'no result'}",
+                           code=error.code if error else None)
+        png = await asyncio.to_thread(storage.read_bytes, record.artifact)
+        return {"created": int(record.created_at), "data": [{"b64_json": base64.b64encode(png).decode()}],
+                "output_format": "png", "size": record.request["size"]}
+
+    # -- models, health, metrics --
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [self._model()]}
+
+    @app.get("/v1/models/{model_id}", response_model=Model)
+    async def retrieve_model(self, request: Request, model_id: str) -> dict:
+        self._authorize(request)
+        if model_id != self.model_id:
+            raise APIError(404, f"model {model_id!r} not found; this server serves {self.model_id!r}", param="model")
+        return self._model()
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Ready once every deployment has a replica that finished loading and warming up."""
+        names = list(self.deployments)
+        checks = [asyncio.wait_for(self.deployments[n].ready.remote(), 5.0) for n in names]
+        results = await asyncio.gather(*checks, return_exceptions=True)
+        waiting = [n for n, r in zip(names, results) if r is not True]
+        if waiting:
+            return JSONResponse({"status": "starting", "waiting_for": waiting}, 503, headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics(self) -> Response:
+        """This node's metrics from Ray's Prometheus endpoint (what Prometheus scrapes per node)."""
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        scraped = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        return Response(scraped, media_type="text/plain; version=0.0.4")
+
+    # -- helpers --
+
+    def _model(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "omnireel"}
+
+    def _authorize(self, request: Request) -> None:
+        if not self.args.api_keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.strip(), key)
+                                                 for key in self.args.api_keys):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _create(self, request: Request, fields: dict, kind: str) -> JobRecord:
+        model = fields.pop("model", None)
+        if model not in (None, "", self.model_id):
+            raise APIError(400, f"model: unknown model {model!r}; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")
+        check_media_fields(fields, self.args)
+        generation = generation_request(fields, "image" if kind == "image" else "video")
+        try:
+            plan_request(generation, self.config)
+        except PlanError as exc:
+            raise APIError(400, str(exc), param=exc.field, code="invalid_value")
+        try:
+            record, _ = await self._ask_store("create", kind, self.model_id, normalized(generation),
+                                              request_key(generation, self.digest), self._idempotency_key(request))
+        except QueueFull as exc:
+            raise APIError(429, str(exc), code="queue_full",
+                           headers={"Retry-After": str(self.args.retry_after_s)})
+        except IdempotencyConflict as exc:
+            raise APIError(409, str(exc), code="idempotency_conflict")
+        return record
+
+    def _idempotency_key(self, request: Request) -> str:
+        """The client's Idempotency-Key (scoped to its API key), or a fresh one so that this
+        ingress can retry the create safely while the store restarts."""
+        given = request.headers.get("idempotency-key")
+        if not given:
+            return f"request:{uuid.uuid4().hex}"
+        scope = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()[:16]
+        return f"{scope}:{given}"
+
+    async def _video(self, video_id: str) -> JobRecord:
+        record = await self._ask_store("get", video_id)
+        if record is None or record.kind != "video":
+            raise unknown(video_id)
+        return record
+
+    async def _ask_store(self, method: str, *args, timeout_s: float = STORE_TIMEOUT_S):
+        """A JobStore call; retried while the store restarts, 503 if it stays away."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                result = await asyncio.wait_for(getattr(self.store, method).remote(*args),
+                                                max(0.1, deadline - time.monotonic()))
+            except REPLICA_LOST:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+            except asyncio.TimeoutError:
+                break
+            else:
+                if isinstance(result, Refusal):
+                    raise result
+                return result
+        raise APIError(503, "the job store is not answering; retry later", code="unavailable",
+                       headers={"Retry-After": str(self.args.retry_after_s)})

@@ -1,0 +1,89 @@
+"""StageReplica: a Serve replica that runs some stages of `STAGE_GRAPH` on components loaded from
+the checkpoint. The encoder and decoder deployments are StageReplicas that name their stages.
+
+Contract (the same for every stage deployment, the Backbone included):
+    run(stage_name, ticket, *inputs) -> the stage's output payload
+where `inputs` are the stage's declared `inputs` in order (DeploymentResponses of upstream stages
+resolve to payloads before the call lands) and `ticket` is the job's JobTicket, used by stages that
+report progress. A replica is ready (constructed) only after it ran each of its stages once.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import NamedTuple
+
+import ray
+import torch
+
+from omnireel import metrics
+from omnireel.checkpoint import load_checkpoint, read_config
+from omnireel.config import GenerationRequest
+from omnireel.model.text import build_text_encoder
+from omnireel.plan import plan_request
+from omnireel.stages import (STAGE_GRAPH, GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings,
+                             build_components, run_stage)
+
+STAGES = {stage.name: stage for stage in STAGE_GRAPH}
+DRIVER = "serve"   # the `driver` label of every metric recorded by the Serve app
+
+
+class JobTicket(NamedTuple):
+    """Which job (and which attempt of it) a call works for; attempt fences stale work."""
+    job_id: str
+    attempt: int
+
+
+NO_JOB = JobTicket("", 0)   # warm-up and parity calls: nothing to report to
+
+
+def warmup_values(config) -> dict:
+    """A placeholder for every payload of the graph, shaped for the smallest request (one frame,
+    32x32, one step), so each replica can run its stages once before it reports ready."""
+    plan = plan_request(GenerationRequest(prompt="warm-up", size="32x32", fps=8, seconds=0.125, steps=1), config)
+    backbone, latent_channels = config.backbone, config.vae.latent_channels
+    return {
+        "plan": plan,
+        "text": TextEmbeddings([torch.zeros(4, backbone.text_dim) for _ in plan.captions]),
+        "voice": VoiceEmbeddings(torch.zeros(0, backbone.speaker_dim)),
+        "media": MediaLatents(torch.zeros(0, latent_channels, plan.latent_height, plan.latent_width)),
+        "latents": GeneratedLatents(
+            video=torch.zeros(backbone.video_channels, plan.latent_frames, plan.latent_height, plan.latent_width),
+            audio=torch.zeros(backbone.audio_channels, plan.audio_frames)),
+    }
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class StageReplica:
+    """Loads only the components its stages need, warms them up, then runs stage calls."""
+
+    stage_names: tuple[str, ...] = ()
+
+    def __init__(self, args):
+        set_threads(args.threads)
+        self.config = read_config(args.checkpoint)
+        self.stages = [STAGES[name] for name in self.stage_names]
+        needed = {stage.component for stage in self.stages if stage.component}
+        device = "cuda" if ray.get_gpu_ids() else "cpu"          # a GPU stage got one (use_gpu)
+        model = load_checkpoint(args.checkpoint, device=device) if needed - {"text_encoder"} else None
+        text_encoder = build_text_encoder(self.config.text) if "text_encoder" in needed else None
+        self.components = build_components(model, self.config, text_encoder, needed)
+        values = warmup_values(self.config)
+        for stage in self.stages:
+            run_stage(stage, self.components, values)
+
+    async def run(self, stage_name: str, ticket: JobTicket, *inputs):
+        stage = STAGES[stage_name]
+        if stage not in self.stages:
+            raise ValueError(f"{type(self).__name__} does not run stage {stage_name!r}")
+        start = time.perf_counter()
+        output = await asyncio.to_thread(run_stage, stage, self.components, dict(zip(stage.inputs, inputs)))
+        metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage_name, driver=DRIVER)
+        return output
+
+    async def ready(self) -> bool:
+        return True
