@@ -1,0 +1,531 @@
+"""The Ray Data batch pipeline: a Parquet manifest -> one artifact (MP4) + sidecar per valid row.
+
+    read_parquet (storage.py's filesystem)
+      -> validate (tasks: manifest.check_row, the artifact key, the done check)
+      -> driver: refused rows, done rows, rows to render (one per artifact key)
+    rows to render, one block per row
+      -> encode pool   (actors: the stages before denoise)
+      -> denoise pool  (a fixed number of actors; each drives a BackboneGroup in its own placement group)
+      -> decode pool   (actors: the stages after denoise, then the artifact and its sidecar, each atomic)
+      -> driver: results.parquet (from the sidecars), errors.parquet, metrics, the Pushgateway
+
+The pools are STAGE_GRAPH cut around the denoise stage; each runs its stages with run_stage, and rows
+cross pools through the one converter in rows.py. A row failing in a stage leaves with `stage` and
+`message` set and the rest go on. Artifacts use the layout shared with online jobs
+(storage.artifact_uri / sidecar_uri of config.request_key). A row is done iff its artifact and its
+sidecar exist, so a rerun skips done rows and a killed run completes on rerun.
+
+Run standalone (a RayJob's entrypoint): `python -m omnireel.pipelines.render MANIFEST --out URI ...`
+takes the same arguments as `omnireel batch`; it connects to $RAY_ADDRESS or starts a local Ray.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from omnireel import metrics, storage
+from omnireel.checkpoint import default_checkpoint, load_checkpoint, read_config, read_digest
+from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
+from omnireel.model.text import build_text_encoder
+from omnireel.parallel.group import BackboneGroup, RankFailure
+from omnireel.parallel.tp import check_tp_degree
+from omnireel.plan import plan_request
+from omnireel.stages import STAGE_GRAPH, Stage, build_components, run_stage
+
+from . import rows
+from .manifest import ManifestError, check_columns, check_row
+
+DRIVER = "batch"                                    # the `driver` label of stage metrics
+EXTENSIONS = {"video": "mp4", "image": "png"}       # artifact extension by request.output
+LATENTS_EXTENSION = "latents.safetensors"
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_")
+PUSH_JOB = "omnireel_batch"
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    tp: int = 1                         # tensor-parallel degree of each denoise actor's BackboneGroup
+    replicas: int = 1                   # denoise actors (a fixed pool)
+    encoders: int = 1                   # encode actors
+    decoders: int = 1                   # decode actors
+    limit: int | None = None            # only the first N manifest rows
+    threads: int | None = None          # torch threads in every actor and rank (default: Ray's, its CPUs)
+    cpus_per_rank: float = 1
+    save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
+    pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    rows: int                 # manifest rows read
+    rendered: int             # rows whose artifact was rendered by this run
+    skipped: int              # rows already done before this run
+    failed: int               # rows that failed at run time (errors.parquet names the stage)
+    invalid: int              # rows refused by validation (errors.parquet names the field)
+    videos: int               # artifacts rendered by this run (rows with equal requests share one)
+    render_seconds: float     # wall time of the render phase
+    denoise_busy: float       # fraction of the warm window the denoise actors were running the backbone
+    results_uri: str
+    errors_uri: str
+
+    @property
+    def videos_per_hour(self) -> float:
+        return 3600.0 * self.videos / self.render_seconds if self.render_seconds > 0 else 0.0
+
+    def totals(self) -> dict[str, float]:
+        """What the driver pushes to the Pushgateway (as omnireel_batch_<name>)."""
+        return {"manifest_rows": self.rows, "rows_rendered": self.rendered, "rows_skipped": self.skipped,
+                "rows_failed": self.failed, "rows_invalid": self.invalid, "videos_per_hour": self.videos_per_hour,
+                "render_seconds": self.render_seconds, "denoise_busy_ratio": self.denoise_busy}
+
+
+# ---- the stage graph, cut into pools ---------------------------------------------------------
+
+def graph_pools(graph: tuple[Stage, ...] = STAGE_GRAPH) -> dict[str, tuple[Stage, ...]]:
+    """STAGE_GRAPH cut around the denoise stage: encode (before it), denoise, decode (after it)."""
+    i = [stage.name for stage in graph].index("denoise")
+    return {"encode": graph[:i], "denoise": graph[i:i + 1], "decode": graph[i + 1:]}
+
+
+POOLS = graph_pools()
+
+
+def carried(pool: str | None) -> tuple[str, ...]:
+    """Payload columns leaving `pool` (None: entering the first): made there or before, used after."""
+    names = list(POOLS)
+    k = names.index(pool) if pool else -1
+    made = {stage.output for p in names[:k + 1] for stage in POOLS[p]}
+    used = {name for p in names[k + 1:] for stage in POOLS[p] for name in stage.inputs}
+    return tuple(sorted(made & used))
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ---- the pools (Ray Data actors: pyarrow batch of rows in, pyarrow batch out) --------------------
+
+class StagePool:
+    """Runs one pool's stages, in graph order, for each row of a batch; timings and errors per row."""
+
+    pool = ""
+
+    def __init__(self, checkpoint: str, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.checkpoint = checkpoint
+        self.config = read_config(checkpoint)
+        self.stages = POOLS[self.pool]
+        names = list(POOLS)
+        self.needs = carried(names[names.index(self.pool) - 1] if self.pool != names[0] else None)
+        self.gives = carried(self.pool)
+        self.components = self.load({stage.component for stage in self.stages} - {None})
+
+    def load(self, names: set[str]) -> dict:
+        if not names:
+            return {}
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        model = load_checkpoint(self.checkpoint, device=device)
+        text_encoder = build_text_encoder(model.config.text) if "text_encoder" in names else None
+        return build_components(model, model.config, text_encoder, names)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return rows.to_table([self.run_row(row) for row in rows.from_table(batch)], self.gives)
+
+    def run_row(self, row: dict) -> dict:
+        if row["stage"]:                                  # failed upstream: passes through
+            return row
+        request = GenerationRequest.model_validate_json(row["request"])
+        values = {"request": request, "plan": plan_request(request, self.config), **rows.from_row(row, self.needs)}
+        timings = json.loads(row["timings"])
+        for stage in self.stages:
+            started, start = time.time(), time.perf_counter()
+            try:
+                values[stage.output] = self.call(stage, values, row)
+            except Exception as exc:
+                return {**row, "stage": stage.name, "message": one_line(exc)}
+            timings[stage.name] = time.perf_counter() - start
+            metrics.record("omnireel_stage_seconds", timings[stage.name], stage=stage.name, driver=DRIVER)
+            if stage.name == "denoise":
+                row = {**row, "denoise_start": started, "denoise_end": started + timings[stage.name]}
+        return self.finish({**row, "timings": json.dumps(timings)}, values)
+
+    def call(self, stage: Stage, values: dict, row: dict):
+        return run_stage(stage, self.components, values)
+
+    def finish(self, row: dict, values: dict) -> dict:
+        return rows.to_row(row, {name: values[name] for name in self.gives})
+
+
+class EncodePool(StagePool):
+    """The stages before denoise: encode_text, encode_voice, encode_media."""
+
+    pool = "encode"
+
+
+class DenoisePool(StagePool):
+    """The denoise stage on a BackboneGroup that lives in this actor's placement group (its ranks
+    are child actors, captured into the group's bundles)."""
+
+    pool = "denoise"
+
+    def __init__(self, checkpoint: str, threads: int | None = None, tp: int = 1, cpus_per_rank: float = 1):
+        super().__init__(checkpoint, threads)
+        self.group = BackboneGroup(checkpoint, tp, ray.util.get_current_placement_group(),
+                                   cpus_per_rank=cpus_per_rank, threads=threads)
+
+    def load(self, names):
+        return {}                         # the backbone lives on the group's ranks
+
+    def call(self, stage, values, row):
+        try:
+            latents = self.group.denoise(*(values[name] for name in stage.inputs))   # the stage's contract
+        except RankFailure:
+            self.group.rebuild()          # this row fails; the next ones get fresh ranks
+            raise
+        metrics.record("omnireel_denoise_steps", values["plan"].steps, driver=DRIVER)
+        return latents
+
+
+class DecodePool(StagePool):
+    """decode_video, decode_audio, mux; then the artifact, (the latents,) and last the sidecar record."""
+
+    pool = "decode"
+
+    def __init__(self, checkpoint: str, threads: int | None = None, out: str = "", save_latents: bool = False):
+        super().__init__(checkpoint, threads)
+        self.out, self.save_latents = out, save_latents
+        self.digest = read_digest(checkpoint)
+
+    def finish(self, row, values):
+        start = time.perf_counter()
+        plan, artifact, key = values["plan"], values["artifact"], row["key"]
+        try:
+            uri = storage.artifact_uri(self.out, key, EXTENSIONS[plan.output])
+            storage.write_bytes(uri, artifact.data)
+            if self.save_latents:
+                storage.write_bytes(storage.artifact_uri(self.out, key, LATENTS_EXTENSION),
+                                    rows.encode_payload(values["latents"]))
+            timings = {**json.loads(row["timings"]), "write": time.perf_counter() - start}
+            record = {"key": key, "uri": uri, "media_type": artifact.media_type, "bytes": len(artifact.data),
+                      "request": json.loads(row["request"]), "checkpoint": self.digest, "steps": plan.steps,
+                      "frames": plan.num_frames, "timings": timings, "created": time.time()}
+            storage.write_bytes(storage.sidecar_uri(self.out, key), canonical_json(record))   # last: done
+        except Exception as exc:
+            return {**row, "stage": "write", "message": one_line(exc)}
+        return {**row, "timings": json.dumps(timings), "record": canonical_json(record).decode()}
+
+
+POOL_ACTORS = {"encode": EncodePool, "denoise": DenoisePool, "decode": DecodePool}
+
+
+@dataclass(frozen=True)
+class DenoisePlacement:
+    """The denoise pool's ray_remote_args_fn (called once per actor, as ray.data.llm does for TP): a fresh
+    STRICT_PACK placement group of one bundle per rank, with child-task capture so the actor's
+    BackboneGroup ranks land in it. Named `<tag>-…` so the driver removes them after the run."""
+    tag: str
+    bundles: tuple
+
+    def __call__(self) -> dict:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        pg = placement_group([dict(b) for b in self.bundles], strategy="STRICT_PACK",
+                             name=f"{self.tag}-{uuid.uuid4().hex[:8]}")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+
+def remove_placement_groups(tag: str) -> None:
+    from ray.util import get_placement_group, placement_group_table, remove_placement_group
+    for info in placement_group_table().values():
+        if info["name"].startswith(tag) and info["state"] != "REMOVED":
+            remove_placement_group(get_placement_group(info["name"]))
+
+
+# ---- validation (Ray tasks) -------------------------------------------------------------------
+
+def validate_batch(batch: pa.Table, config, digest: str, out: str) -> pa.Table:
+    """Manifest rows -> BASE rows: refused (stage "validate", field, message) or keyed, with the
+    sidecar record when the artifact is already done."""
+    checked_rows = []
+    for raw in batch.to_pylist():
+        checked = check_row(raw, config)
+        if checked.request is None:
+            checked_rows.append({"id": checked.id, "stage": "validate", "field": checked.field,
+                                 "message": checked.message})
+            continue
+        key = request_key(checked.request, digest)
+        checked_rows.append({"id": checked.id, "key": key,
+                             "request": canonical_json(normalized(checked.request)).decode(),
+                             "record": done_record(out, key, EXTENSIONS[checked.request.output])})
+    return rows.to_table(checked_rows)
+
+
+def done_record(out: str, key: str, extension: str) -> str:
+    """The sidecar record (JSON) of a done artifact, else "": done iff the artifact and its sidecar exist."""
+    try:
+        record = storage.read_bytes(storage.sidecar_uri(out, key)).decode()
+    except FileNotFoundError:
+        return ""
+    return record if storage.exists(storage.artifact_uri(out, key, extension)) else ""
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path) over storage.py's fsspec filesystem for `uri`."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    fs, path = storage.filesystem(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def check_manifest(manifest: str) -> None:
+    """ManifestError unless `manifest` is readable Parquet with the manifest's columns (footer only)."""
+    import pyarrow.dataset
+    filesystem, path = arrow_filesystem(manifest)
+    try:
+        names = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet").schema.names
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ManifestError(f"manifest: cannot read {manifest} as Parquet ({one_line(e)})") from None
+    check_columns(names)
+
+
+def read_checked(manifest: str, out: str, config, digest: str, options: BatchOptions) -> list[dict]:
+    """Every manifest row (after --limit), validated, in manifest order, numbered from 0."""
+    filesystem, path = arrow_filesystem(manifest)
+    ds = ray.data.read_parquet(path, filesystem=filesystem)
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    if options.limit is not None:
+        ds = ds.limit(options.limit)
+    ds = ds.map_batches(validate_batch, batch_format="pyarrow", fn_args=(config, digest, out))
+    table = pa.concat_tables([rows.to_table([])] + ray.get(ds.to_arrow_refs()))
+    return [{**row, "row": i} for i, row in enumerate(rows.from_table(table))]
+
+
+def triage(checked: list[dict]) -> list[dict]:
+    """Flags repeated ids; returns the rows to render: valid, not done, the first of each artifact key."""
+    first_row: dict[str, int] = {}
+    keys, todo = set(), []
+    for row in checked:
+        if not row["stage"] and row["id"] in first_row:
+            row.update(stage="validate", field="id", message=f"id: duplicate of row {first_row[row['id']]}")
+        if row["id"]:
+            first_row.setdefault(row["id"], row["row"])
+        if not row["stage"] and not row["record"] and row["key"] not in keys:
+            keys.add(row["key"])
+            todo.append(row)
+    return todo
+
+
+# ---- the render pipeline ----------------------------------------------------------------------
+
+def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, tag: str) -> Iterator[dict]:
+    """Streams the rows through the three pools; yields each row as it leaves the decode pool."""
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    ds = ray.data.from_arrow([rows.to_table([row]) for row in todo])   # one block per row: rows stream
+    ds.context.enable_progress_bars = False
+    # Ray Data's issue detectors call ray_remote_args_fn outside actor creation (at start and every
+    # 30 s); each call would make a placement group no actor uses, holding tp CPUs or GPUs.
+    ds.context.issue_detectors_config.detectors = []
+    common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
+    for pool, size, kwargs, resources in (
+            ("encode", options.encoders, {}, pool_resources("encode", use_gpu)),
+            ("denoise", options.replicas, {"tp": options.tp, "cpus_per_rank": options.cpus_per_rank},
+             {"num_cpus": 0, "num_gpus": 0, "ray_remote_args_fn": DenoisePlacement(
+                 tag, tuple(BackboneGroup.bundles(options.tp, use_gpu, options.cpus_per_rank)))}),
+            ("decode", options.decoders, {"out": out, "save_latents": options.save_latents},
+             pool_resources("decode", use_gpu))):
+        with warnings.catch_warnings():   # deprecated in Ray 2.60, still how ray.data.llm places TP engines
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
+            ds = ds.map_batches(POOL_ACTORS[pool], compute=ray.data.ActorPoolStrategy(size=size),
+                                fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads, **kwargs},
+                                **common, **resources)
+    yield from ds.iter_rows()
+
+
+def pool_resources(pool: str, use_gpu: bool) -> dict:
+    """An actor's resources from its stages' declared resources (a GPU only where the cluster has one)."""
+    stages = POOLS[pool]
+    return {"num_cpus": max(stage.resources.get("CPU", 0) for stage in stages) or 1,
+            "num_gpus": 1 if use_gpu and any(stage.resources.get("GPU") for stage in stages) else 0}
+
+
+def busy_fraction(outcomes: list[dict], replicas: int) -> float:
+    """Backbone time over the warm window (first denoise start to last end), per denoise actor."""
+    spans = [(r["denoise_start"], r["denoise_end"]) for r in outcomes if r["denoise_end"] > 0]
+    if not spans:
+        return 0.0
+    window = max(end for _, end in spans) - min(start for start, _ in spans)
+    return sum(end - start for start, end in spans) / (replicas * window) if window > 0 else 1.0
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+RESULT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("row", pa.int64()), ("key", pa.string()), ("uri", pa.string()),
+    ("seconds", pa.float64()), ("size", pa.string()), ("fps", pa.int64()), ("seed", pa.int64()),
+    ("steps", pa.int64()), ("frames", pa.int64()), ("bytes", pa.int64()),
+    *((f"{name}_seconds", pa.float64()) for name in [*(stage.name for stage in STAGE_GRAPH), "write"]),
+])
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()),
+                          ("field", pa.string()), ("message", pa.string())])
+
+
+def result_row(row: dict, record: dict) -> dict:
+    request = record["request"]
+    timings = {f"{name}_seconds": seconds for name, seconds in record.get("timings", {}).items()}
+    return {"id": row["id"], "row": row["row"], "key": row["key"], "uri": record["uri"],
+            "seconds": request["seconds"], "size": request["size"], "fps": request["fps"], "seed": request["seed"],
+            "steps": record["steps"], "frames": record["frames"], "bytes": record["bytes"], **timings}
+
+
+def write_parquet(uri: str, records: list[dict], schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in records], schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def settle(checked: list[dict], outcomes: dict[str, dict]) -> Iterator[tuple[str, dict]]:
+    """Each manifest row's end, "invalid" | "skipped" | "rendered" | "failed", with the row carrying
+    its sidecar record (done) or its stage and message (not done). Rows sharing a key share its outcome."""
+    for row in checked:
+        if row["stage"]:
+            yield "invalid", row
+        elif row["record"]:
+            yield "skipped", row
+        else:
+            outcome = outcomes.get(row["key"]) or {"stage": "render", "message": "the pipeline returned no row"}
+            row = {**row, "stage": outcome["stage"], "message": outcome["message"], "record": outcome.get("record", "")}
+            yield ("failed" if row["stage"] else "rendered"), row
+
+
+# ---- the driver -------------------------------------------------------------------------------
+
+def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: BatchOptions | None = None,
+              progress: Callable[[int, int], None] | None = None) -> BatchSummary:
+    """Renders every valid, not yet done row of `manifest` under `out`; writes results.parquet and
+    errors.parquet there; returns the counts. Ray must be initialized, with workers that reach the
+    manifest and `out` (`connect` hands them the driver's storage environment)."""
+    options = options or BatchOptions()
+    checkpoint = str(checkpoint or default_checkpoint())
+    config, digest = read_config(checkpoint), read_digest(checkpoint)
+    check_tp_degree(config.backbone, options.tp)
+
+    check_manifest(manifest)
+    checked = read_checked(manifest, out, config, digest, options)
+    todo = triage(checked)
+    tag = f"omnireel-batch-{uuid.uuid4().hex[:8]}"
+    outcomes: dict[str, dict] = {}
+    start = time.perf_counter()
+    if todo:
+        try:
+            for row in render(todo, checkpoint, out, options, tag):
+                outcomes[row["key"]] = row
+                metrics.record("omnireel_batch_rows", outcome="failed" if row["stage"] else "rendered")
+                if progress is not None:
+                    progress(len(outcomes), len(todo))
+        finally:
+            remove_placement_groups(tag)
+    render_seconds = time.perf_counter() - start
+
+    results, errors = [], []
+    counts = dict.fromkeys(("rendered", "skipped", "failed", "invalid"), 0)
+    for kind, row in settle(checked, outcomes):
+        counts[kind] += 1
+        if row["record"]:
+            results.append(result_row(row, json.loads(row["record"])))
+        else:
+            errors.append(row)
+    for outcome_name in ("skipped", "invalid"):
+        if counts[outcome_name]:
+            metrics.record("omnireel_batch_rows", counts[outcome_name], outcome=outcome_name)
+    results_uri, errors_uri = storage.join(out, "results.parquet"), storage.join(out, "errors.parquet")
+    write_parquet(results_uri, results, RESULT_SCHEMA)
+    write_parquet(errors_uri, errors, ERROR_SCHEMA)
+
+    summary = BatchSummary(rows=len(checked), **counts,
+                           videos=sum(1 for r in outcomes.values() if not r["stage"]),
+                           render_seconds=render_seconds,
+                           denoise_busy=busy_fraction(list(outcomes.values()), options.replicas),
+                           results_uri=results_uri, errors_uri=errors_uri)
+    metrics.record("omnireel_batch_videos_per_hour", summary.videos_per_hour)
+    metrics.record("omnireel_batch_denoise_busy_ratio", summary.denoise_busy)
+    if options.pushgateway:
+        metrics.push_totals(options.pushgateway, PUSH_JOB, summary.totals(), grouping={"output": out})
+    return summary
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def storage_environment() -> dict[str, str]:
+    """The driver's object-store settings (endpoint, credentials, e.g. AWS_ENDPOINT_URL)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def connect() -> None:
+    """Ray for a standalone driver: the cluster at $RAY_ADDRESS if set, else a fresh local one. The
+    driver's storage environment becomes the job's, so every task and actor (Ray Data's own listing
+    tasks included) reaches the same object store."""
+    if not ray.is_initialized():
+        env = storage_environment()
+        local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+        ray.init(logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None, **local)
+
+
+def command(args) -> None:
+    """`omnireel batch` (and this module run as a script): a progress bar, then one summary line."""
+    from tqdm import tqdm
+
+    from omnireel.cli import fail
+
+    for name in ("tp", "replicas", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name}: must be >= 1 (got {value})")
+    options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
+                           save_latents=args.save_latents, pushgateway=args.pushgateway)
+    try:
+        checkpoint = str(args.checkpoint or default_checkpoint())
+        config = read_config(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--checkpoint: {e}", code=1)
+    try:
+        check_tp_degree(config.backbone, options.tp)
+    except ValueError as e:
+        fail(f"--tp: {e}")
+    try:
+        check_manifest(args.manifest)
+    except ManifestError as e:
+        fail(str(e))
+    connect()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    with tqdm(desc="rendering", unit="video", disable=args.quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        summary = run_batch(args.manifest, args.out, checkpoint, options, progress)
+    if not args.quiet:
+        print(f"{summary.rendered} rendered, {summary.skipped} already done, {summary.failed} failed, "
+              f"{summary.invalid} invalid of {summary.rows} rows; {summary.videos_per_hour:.0f} videos/hour; "
+              f"results: {summary.results_uri}; errors: {summary.errors_uri}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from omnireel.cli import main
+    main(["batch", *sys.argv[1:]])
