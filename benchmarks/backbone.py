@@ -17,24 +17,14 @@ try:
 except ImportError:   # a plain checkout: use the source root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from omnireel.parallel.bench import DTYPES, bench_backbone  # noqa: E402
+from omnireel.cli import add_backbone_bench_arguments  # noqa: E402
+from omnireel.parallel.bench import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="model preset (tiny, small, wan14b)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
-    parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--check-parity", action="store_true", help="compare TP=N with TP=1")
-    args = parser.parse_args(argv)
-    try:
-        bench_backbone(args.preset, args.tp, args.steps, args.tokens, args.dtype, args.check_parity)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    add_backbone_bench_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

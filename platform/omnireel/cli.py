@@ -1,4 +1,4 @@
-"""`omnireel render | checkpoint` — the command line.
+"""`omnireel render | voices | checkpoint | batch | serve` — the command line.
 
 Bad input never prints a traceback: one line naming the field and the limit, exit code 2.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_PROMPT = "a red paper boat drifting down a rainy street gutter, puddles rippling, soft rain sounds"
@@ -16,22 +17,57 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def json_option(name: str, value: str):
+    """A JSON option's value, given inline or as @FILE."""
+    try:
+        if value.startswith("@"):
+            with open(value[1:], encoding="utf-8") as f:
+                value = f.read()
+        return json.loads(value)
+    except OSError as e:
+        fail(f"{name}: cannot read {value[1:]} ({e.strerror})")
+    except json.JSONDecodeError as e:
+        fail(f"{name}: not valid JSON ({e.msg} at position {e.pos})")
+
+
+def voice_bindings(values: list[str]) -> list[dict]:
+    """--voice CHARACTER=VOICE_ID options -> [{character, voice_id}]."""
+    bindings = []
+    for value in values:
+        character, sep, voice_id = value.rpartition("=")
+        if not sep or not character.strip() or not voice_id.strip():
+            fail(f"--voice: expected CHARACTER=VOICE_ID (got {value!r})")
+        bindings.append({"character": character.strip(), "voice_id": voice_id.strip()})
+    return bindings
+
+
 def render_command(args) -> None:
+    import os
+
     import pydantic
 
-    from .config import GenerationRequest, request_error_message
+    from .config import TRUSTED, parse_request, request_error_message
     fields = dict(prompt=args.prompt, seconds=args.seconds, size=args.size, fps=args.fps, seed=args.seed,
-                  steps=args.steps, language=args.language, output="image" if args.image else "video")
+                  steps=args.steps, language=args.language, output="image" if args.image else "video",
+                  mode="audio" if args.audio_only else None, input_reference=args.reference,
+                  input_video=args.input_video, input_audio=args.input_audio, elements=args.element,
+                  voices=voice_bindings(args.voice) if args.voice else None)
     if args.shots:
-        try:
-            fields["shots"] = json.loads(args.shots)
-        except json.JSONDecodeError as e:
-            fail(f"--shots: not valid JSON ({e.msg} at position {e.pos})")
+        fields["shots"] = json_option("--shots", args.shots)
+    if args.physics:
+        fields["physics"] = json_option("--physics", args.physics)
     fields = {k: v for k, v in fields.items() if v is not None}
     try:
-        request = GenerationRequest(**fields)
+        request = parse_request(fields, TRUSTED)      # the CLI may name local files
     except pydantic.ValidationError as e:
         fail(request_error_message(e))
+    from .voices import VoiceNotFound, VoiceRegistry
+    if args.voice_store:
+        os.environ["OMNIREEL_VOICES"] = args.voice_store   # where the encode_voice stage reads voices
+    try:
+        VoiceRegistry().check_bindings(request.voices)
+    except VoiceNotFound as e:
+        fail(str(e))
 
     import torch
     from tqdm import tqdm
@@ -39,6 +75,7 @@ def render_command(args) -> None:
     from . import storage
     from .engine import LocalEngine
     from .plan import PlanError
+    from .references import MediaReferenceError
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -49,13 +86,55 @@ def render_command(args) -> None:
         plan = engine.plan(request)
     except PlanError as e:
         fail(str(e))
-    output = args.output or ("out.png" if args.image else "out.mp4")
-    with tqdm(total=plan.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
-        result = engine.render(request, progress=lambda i, n: bar.update(i - bar.n))
+    output = args.output or ("out.png" if args.image else "out.m4a" if args.audio_only else "out.mp4")
+    bars = []   # the progress bar appears with the first step, after the encoders checked their inputs
+
+    def progress(i: int, n: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=n, desc="denoising", unit="step", disable=args.quiet))
+        bars[0].update(i - bars[0].n)
+
+    try:
+        result = engine.render(request, progress=progress)
+    except (VoiceNotFound, MediaReferenceError) as e:   # messages name the field
+        fail(str(e))
+    finally:
+        for bar in bars:
+            bar.close()
     storage.write_bytes(output, result.artifact.data)
     if not args.quiet:
-        what = "image" if args.image else f"{plan.num_frames} frames, {plan.seconds:g} s, {plan.fps} fps"
-        print(f"wrote {output} ({plan.width}x{plan.height}, {what}) in {sum(result.timings.values()):.1f} s")
+        what = ("image" if args.image else f"{plan.num_frames} frames, {plan.seconds:g} s, {plan.fps} fps")
+        what = f"audio, {plan.seconds:g} s" if args.audio_only else f"{plan.width}x{plan.height}, {what}"
+        print(f"wrote {output} ({what}) in {sum(result.timings.values()):.1f} s")
+
+
+def voices_command(args) -> None:
+    from .voices import VoiceNotFound, VoiceRegistry, VoiceRejected
+    registry = VoiceRegistry(args.store)
+    if args.action == "add":
+        try:
+            with open(args.recording, "rb") as f:
+                recording = f.read()
+        except OSError as e:
+            fail(f"{args.recording}: {e.strerror}")
+        try:
+            voice = registry.add(recording, args.name or os.path.splitext(os.path.basename(args.recording))[0])
+        except VoiceRejected as e:
+            fail(f"{args.recording}: {e}")
+        print(voice.id if args.quiet else f"added {voice.id} ({voice.name!r}, {voice.speech_seconds:.1f} s of speech)")
+    elif args.action == "list":
+        voices = registry.list()
+        if args.json:
+            print(json.dumps([v.public() for v in voices], indent=2))
+        for v in [] if args.json else voices:
+            print(f"{v.id}  {v.speech_seconds:5.1f} s  {v.name}")
+    else:
+        try:
+            registry.delete(args.voice_id)
+        except VoiceNotFound as e:
+            fail(str(e))
+        if not args.quiet:
+            print(f"removed {args.voice_id}")
 
 
 def checkpoint_command(args) -> None:
@@ -77,6 +156,33 @@ def checkpoint_command(args) -> None:
                           "config": config.to_dict()}, indent=2))
 
 
+def batch_command(args) -> None:
+    from .pipelines.render import command
+    command(args)
+
+
+def serve_command(args) -> None:
+    from .deployments.app import serve_command as run
+    run(args)
+
+
+def add_backbone_bench_arguments(parser) -> None:
+    """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py."""
+    parser.add_argument("--preset", default="small", help="model preset (tiny, small, wan14b)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")
+    parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--check-parity", action="store_true", help="compare TP=N with TP=1")
+
+
+def bench_command(args) -> None:
+    from .parallel.bench import run
+    code = run(args)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnireel", description="Render video with native audio.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,10 +198,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--language", help="speech language: en, zh, ja, ko or es")
     r.add_argument("--shots", help='storyboard as JSON: [{"prompt": ..., "seconds": ..., "camera": ...}, ...]')
     r.add_argument("--image", action="store_true", help="render one frame to a PNG")
+    r.add_argument("--audio-only", action="store_true", help="generate audio alone to an M4A (mode 'audio')")
+    r.add_argument("--voice", action="append", metavar="CHARACTER=VOICE_ID",
+                   help="bind a registered voice (omnireel voices) to a character; repeatable")
+    r.add_argument("--voice-store", help="voice registry URI (default $OMNIREEL_VOICES or ~/.cache/omnireel/voices)")
+    r.add_argument("--element", action="append", metavar="IMAGE",
+                   help="reference image (path or URI) seen by every shot; repeatable")
+    r.add_argument("--reference", metavar="IMAGE", help="image-to-video: this image is the first frame")
+    r.add_argument("--input-video", metavar="VIDEO", help="continue this video (its frames lead the clip)")
+    r.add_argument("--input-audio", metavar="AUDIO", help="generate video to this soundtrack")
+    r.add_argument("--physics", metavar="JSON", help='scene to simulate, JSON or @FILE: {"bodies": [...], "gravity": ...}')
     r.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=render_command)
+
+    v = sub.add_parser("voices", help="register, list and remove voices (reference recordings)")
+    vsub = v.add_subparsers(dest="action", required=True)
+    va = vsub.add_parser("add", help="register a voice from a WAV, MP3 or FLAC recording; prints its id")
+    va.add_argument("recording")
+    va.add_argument("--name", help="a name for the voice (default: the file name)")
+    vl = vsub.add_parser("list", help="list registered voices")
+    vl.add_argument("--json", action="store_true")
+    vr = vsub.add_parser("rm", help="remove a voice")
+    vr.add_argument("voice_id")
+    for action in (va, vl, vr):
+        action.add_argument("--store", help="voice registry URI (default $OMNIREEL_VOICES or ~/.cache/omnireel/voices)")
+        action.add_argument("-q", "--quiet", action="store_true")
+    v.set_defaults(func=voices_command)
 
     c = sub.add_parser("checkpoint", help="create or inspect a checkpoint")
     csub = c.add_subparsers(dest="action", required=True)
@@ -106,6 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     cs = csub.add_parser("show", help="print a checkpoint's config, digest and parameter counts")
     cs.add_argument("directory")
     c.set_defaults(func=checkpoint_command)
+
+    b = sub.add_parser("batch", help="render a Parquet manifest with Ray Data (artifacts, results.parquet, errors.parquet)")
+    b.add_argument("manifest", help="Parquet manifest (file or folder), a path or URI (file://, s3://, gs://)")
+    b.add_argument("--out", required=True, help="output URI prefix (artifacts/, results.parquet, errors.parquet)")
+    b.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each denoising actor (default 1)")
+    b.add_argument("--limit", type=int, help="only the first N manifest rows")
+    b.add_argument("--replicas", type=int, default=1, help="denoising actors, each its own TP group (default 1)")
+    b.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
+    b.add_argument("--threads", type=int, help="torch CPU threads in every actor")
+    b.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for the run's totals")
+    b.add_argument("--save-latents", action="store_true", help="also write each row's latents (safetensors)")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(func=batch_command)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-style Videos API with Ray Serve (deployments/serve_config.yaml)")
+    s.add_argument("--config", help="Serve config YAML (default: the packaged deployments/serve_config.yaml)")
+    s.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
+    s.add_argument("--storage", help="URI for jobs and videos (default $OMNIREEL_HOME/serve)")
+    s.add_argument("--host", help="HTTP host (default 127.0.0.1, or the --config file's)")
+    s.add_argument("--port", type=int, help="HTTP port (default 8000, or the --config file's)")
+    s.add_argument("--tp", type=int, help="tensor-parallel degree of each Backbone replica")
+    s.add_argument("--threads", type=int, help="torch CPU threads per replica")
+    s.add_argument("--api-key", action="append", help="require this Bearer key (repeat for several)")
+    s.add_argument("--set", action="append", metavar="ARG=VALUE", help="any other build_app arg (YAML value)")
+    s.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    s.add_argument("--non-blocking", action="store_true", help="return once the app is running")
+    s.set_defaults(func=serve_command)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="target", required=True)
+    bb = bench_sub.add_parser("backbone", help="backbone step time, tokens/s, TFLOP/s, TP parity")
+    add_backbone_bench_arguments(bb)
+    bb.set_defaults(func=bench_command)
     return parser
 
 

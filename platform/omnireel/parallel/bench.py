@@ -210,3 +210,14 @@ def _bench_tp(preset_name: str, cfg: BackboneConfig, tp: int, steps: int, tokens
         _, expected, _ = time_steps(reference, tokens, 1, device, DTYPES[dtype])
         parity = max((a - b).abs().max().item() for a, b in zip(rank0["out"], expected))
     return rank0["step_s"], rank0["length"], parity
+
+
+def run(args) -> int:
+    """Run the bench for parsed `args`; a bad preset or TP degree is one line and exit code 2."""
+    import sys
+    try:
+        bench_backbone(args.preset, args.tp, args.steps, args.tokens, args.dtype, args.check_parity)
+    except ValueError as exc:
+        print(f"omnireel: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
