@@ -42,11 +42,13 @@ class BenchResult:
     step_s: float                 # median seconds per step
     tokens_per_s: float           # batch * L / step_s
     tflops: float                 # achieved TFLOP/s (all ranks together)
+    flops_per_step: float         # matmul FLOPs of one step (one forward over batch 2)
     parity_max_abs: float | None  # max |TP=N - TP=1| over the velocities, with check_parity
 
     def lines(self) -> list[str]:
         out = [f"backbone {self.preset} tp={self.tp} on {self.device} ({self.dtype}): L={self.tokens} tokens x "
                f"batch {self.batch}, {self.steps} steps",
+               f"  FLOPs per step  {self.flops_per_step / 1e9:,.1f} GFLOP (forward, batch {self.batch})",
                f"  per-step time   {self.step_s * 1e3:.2f} ms (median)",
                f"  tokens/s        {self.tokens_per_s:,.0f}",
                f"  achieved        {self.tflops:.4f} TFLOP/s"]
@@ -178,7 +180,7 @@ def bench_backbone(preset_name: str = "tiny", tp: int = 1, steps: int = 5, token
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = BenchResult(preset=preset_name, tp=tp, device=device_name, dtype=dtype, tokens=length, batch=2,
                          steps=steps, step_s=step_s, tokens_per_s=2 * length / step_s,
-                         tflops=flops / step_s / 1e12, parity_max_abs=parity)
+                         tflops=flops / step_s / 1e12, flops_per_step=flops, parity_max_abs=parity)
     print("\n".join(result.lines()), flush=True)
     return result
 
