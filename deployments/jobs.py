@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentResponse
 
 from omnireel import metrics, storage
 from omnireel.checkpoint import read_config, read_digest
-from omnireel.config import GenerationRequest, canonical_json
+from omnireel.config import GenerationRequest
 from omnireel.model.sampler import Cancelled
 from omnireel.parallel.group import RankFailure
 from omnireel.plan import plan_request
@@ -519,17 +519,14 @@ class JobRunner:
     async def _render(self, ticket: JobTicket, record: JobRecord) -> str:
         """Runs the graph for the job; writes artifact then sidecar; returns the artifact URI."""
         plan = plan_request(GenerationRequest.model_validate(record.request), self.config)
-        artifact_uri = storage.artifact_uri(self.args.storage_uri, record.key,
-                                            "png" if plan.output == "image" else "mp4")
-        sidecar_uri = storage.sidecar_uri(self.args.storage_uri, record.key)
-        if await asyncio.to_thread(lambda: storage.exists(sidecar_uri) and storage.exists(artifact_uri)):
+        prefix, extension = self.args.storage_uri, plan.artifact_extension
+        artifact_uri = storage.artifact_uri(prefix, record.key, extension)
+        if await asyncio.to_thread(storage.artifact_done, prefix, record.key, extension):
             return artifact_uri                       # rendered before: never render twice
-        artifact = await self._chain(ticket, plan)    # EncodedStream: the muxed MP4 (or PNG)
-        sidecar = {"key": record.key, "uri": artifact_uri, "media_type": artifact.media_type,
-                   "bytes": len(artifact.data), "request": record.request, "checkpoint": self.digest,
-                   "steps": plan.steps, "frames": plan.num_frames, "job_id": record.id, "created": time.time()}
-        await asyncio.to_thread(storage.write_bytes, artifact_uri, artifact.data)
-        await asyncio.to_thread(storage.write_bytes, sidecar_uri, canonical_json(sidecar))   # last: done
+        artifact = await self._chain(ticket, plan)    # EncodedStream: the muxed MP4 (or PNG, M4A)
+        sidecar = {"media_type": artifact.media_type, "request": record.request, "checkpoint": self.digest,
+                   "steps": plan.steps, "frames": plan.num_frames, "job_id": record.id}
+        await asyncio.to_thread(storage.write_artifact, prefix, record.key, extension, artifact.data, sidecar)
         return artifact_uri
 
     async def _chain(self, ticket: JobTicket, plan, until: str | None = None):

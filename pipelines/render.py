@@ -41,14 +41,13 @@ from omnireel.config import GenerationRequest, canonical_json, normalized, reque
 from omnireel.model.text import build_text_encoder
 from omnireel.parallel.group import BackboneGroup, RankFailure
 from omnireel.parallel.tp import check_tp_degree
-from omnireel.plan import plan_request
+from omnireel.plan import artifact_extension, plan_request
 from omnireel.stages import STAGE_GRAPH, Stage, build_components, run_stage
 
 from . import rows
 from .manifest import ManifestError, check_columns, check_row
 
 DRIVER = "batch"                                    # the `driver` label of stage metrics
-EXTENSIONS = {"video": "mp4", "image": "png"}       # artifact extension by request.output
 LATENTS_EXTENSION = "latents.safetensors"
 STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_")
 PUSH_JOB = "omnireel_batch"
@@ -214,16 +213,14 @@ class DecodePool(StagePool):
         start = time.perf_counter()
         plan, artifact, key = values["plan"], values["artifact"], row["key"]
         try:
-            uri = storage.artifact_uri(self.out, key, EXTENSIONS[plan.output])
-            storage.write_bytes(uri, artifact.data)
             if self.save_latents:
                 storage.write_bytes(storage.artifact_uri(self.out, key, LATENTS_EXTENSION),
                                     rows.encode_payload(values["latents"]))
             timings = {**json.loads(row["timings"]), "write": time.perf_counter() - start}
-            record = {"key": key, "uri": uri, "media_type": artifact.media_type, "bytes": len(artifact.data),
-                      "request": json.loads(row["request"]), "checkpoint": self.digest, "steps": plan.steps,
-                      "frames": plan.num_frames, "timings": timings, "created": time.time()}
-            storage.write_bytes(storage.sidecar_uri(self.out, key), canonical_json(record))   # last: done
+            record = storage.write_artifact(
+                self.out, key, plan.artifact_extension, artifact.data,
+                {"media_type": artifact.media_type, "request": json.loads(row["request"]),
+                 "checkpoint": self.digest, "steps": plan.steps, "frames": plan.num_frames, "timings": timings})
         except Exception as exc:
             return {**row, "stage": "write", "message": one_line(exc)}
         return {**row, "timings": json.dumps(timings), "record": canonical_json(record).decode()}
@@ -270,7 +267,8 @@ def validate_batch(batch: pa.Table, config, digest: str, out: str) -> pa.Table:
         key = request_key(checked.request, digest)
         checked_rows.append({"id": checked.id, "key": key,
                              "request": canonical_json(normalized(checked.request)).decode(),
-                             "record": done_record(out, key, EXTENSIONS[checked.request.output])})
+                             "record": done_record(out, key, artifact_extension(checked.request.output,
+                                                                                 checked.request.mode))})
     return rows.to_table(checked_rows)
 
 

@@ -30,6 +30,11 @@ class PlanError(ValueError):
         self.field = field
 
 
+def artifact_extension(output: str, mode: str) -> str:
+    """File extension of a request's artifact: png (an image), m4a (audio alone) or mp4."""
+    return "png" if output == "image" else "m4a" if mode == "audio" else "mp4"
+
+
 def first_frame(k: int) -> int:
     """First video frame covered by latent frame k."""
     return 0 if k == 0 else 4 * k - 3
@@ -74,6 +79,10 @@ class ScenePlan:
     input_video: str | None = None                 # video -> clean leading latent frames
     input_audio: str | None = None                 # audio -> clean audio tokens
     physics: str | None = None                     # the scene as canonical JSON
+
+    @property
+    def artifact_extension(self) -> str:
+        return artifact_extension(self.output, self.mode)
 
     @property
     def seconds(self) -> float:

@@ -108,3 +108,21 @@ def artifact_uri(prefix: str, key: str, extension: str = "mp4") -> str:
 def sidecar_uri(prefix: str, key: str) -> str:
     """The small JSON record written after the artifact; artifact + sidecar present = done."""
     return join(prefix, "artifacts", key[:2], f"{key}.json")
+
+
+def artifact_done(prefix: str, key: str, extension: str) -> bool:
+    """Done iff the artifact and its sidecar both exist (the sidecar is written last)."""
+    return exists(sidecar_uri(prefix, key)) and exists(artifact_uri(prefix, key, extension))
+
+
+def write_artifact(prefix: str, key: str, extension: str, data: bytes, record: dict) -> dict:
+    """Writes the artifact, then its sidecar (the commit), each atomically; returns the sidecar record,
+    which gains the artifact's `key`, `uri`, `bytes` and `created`."""
+    import time
+
+    from .config import canonical_json
+    uri = artifact_uri(prefix, key, extension)
+    write_bytes(uri, data)
+    record = {**record, "key": key, "uri": uri, "bytes": len(data), "created": time.time()}
+    write_bytes(sidecar_uri(prefix, key), canonical_json(record))
+    return record
