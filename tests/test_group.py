@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omnireel.config import GenerationRequest, Shot
-from omnireel.stages import encode_media, encode_text, encode_voice
+from omnireel.stages import STAGE_GRAPH, run_stage
 
 ray = pytest.importorskip("ray")
 
@@ -29,9 +29,12 @@ def request(steps: int | None = None, seed: int = 7) -> GenerationRequest:
 
 def denoise_job(engine, req: GenerationRequest) -> DenoiseJob:
     """The denoise stage's inputs, made by LocalEngine's own stages."""
-    plan = engine.plan(req)
-    return DenoiseJob(plan, encode_text(engine.components["text_encoder"], plan), encode_voice(plan),
-                      encode_media(engine.components["vae"], plan))
+    values = {"plan": engine.plan(req)}
+    for stage in STAGE_GRAPH:
+        if stage.name == "denoise":
+            break
+        values[stage.output] = run_stage(stage, engine.components, values)
+    return DenoiseJob(values["plan"], values["text"], values["voice"], values["media"])
 
 
 def assert_same_latents(found, expected):

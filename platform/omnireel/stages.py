@@ -141,8 +141,6 @@ def encode_media(encoder: MediaEncoder, plan: ScenePlan) -> MediaLatents:
     the simulated scene's motion conditioning (physics.py)."""
     from . import physics, references
 
-    if isinstance(encoder, VideoVAE):            # callers from before input audio pass the VAE alone
-        encoder = MediaEncoder(encoder, None)
     channels = encoder.vae.cfg.latent_channels
     factor = encoder.vae.cfg.time_factor
 
