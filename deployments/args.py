@@ -22,6 +22,8 @@ class AppArgs(BaseModel):
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs of each Backbone rank actor")
     control_cpus: float = Field(0.25, ge=0, description="CPUs of each ingress, job store and runner replica")
     storage_uri: Optional[str] = Field(None, description="jobs and artifacts (default $OMNIREEL_HOME/serve)")
+    voices_uri: Optional[str] = Field(None, description="voice registry, shared with `omnireel voices` and batch "
+                                                        "(default $OMNIREEL_VOICES, else $OMNIREEL_HOME/voices)")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="largest request body (413 beyond)")
     max_upload_bytes: int = Field(16 << 20, ge=1, description="largest uploaded file (413 beyond)")
@@ -43,7 +45,9 @@ class AppArgs(BaseModel):
     def resolved(self) -> "AppArgs":
         """Defaults that need the environment, fixed once so that every replica sees the same."""
         from omnireel.checkpoint import default_checkpoint
+        from omnireel.voices import default_voice_prefix
         home = Path(os.environ.get("OMNIREEL_HOME", "~/.cache/omnireel")).expanduser()
         return self.model_copy(update={
             "checkpoint": str(Path(self.checkpoint).expanduser()) if self.checkpoint else str(default_checkpoint()),
-            "storage_uri": self.storage_uri or str(home / "serve")})
+            "storage_uri": self.storage_uri or str(home / "serve"),
+            "voices_uri": self.voices_uri or default_voice_prefix()})

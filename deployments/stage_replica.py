@@ -17,12 +17,11 @@ import ray
 import torch
 
 from omnireel import metrics
-from omnireel.checkpoint import load_checkpoint, read_config
+from omnireel.checkpoint import read_config
 from omnireel.config import GenerationRequest
-from omnireel.model.text import build_text_encoder
 from omnireel.plan import plan_request
 from omnireel.stages import (STAGE_GRAPH, GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings,
-                             build_components, run_stage)
+                             close_components, load_components, run_stage)
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 DRIVER = "serve"   # the `driver` label of every metric recorded by the Serve app
@@ -69,9 +68,7 @@ class StageReplica:
         self.stages = [STAGES[name] for name in self.stage_names]
         needed = {stage.component for stage in self.stages if stage.component}
         device = "cuda" if ray.get_gpu_ids() else "cpu"          # a GPU stage got one (use_gpu)
-        model = load_checkpoint(args.checkpoint, device=device) if needed - {"text_encoder"} else None
-        text_encoder = build_text_encoder(self.config.text) if "text_encoder" in needed else None
-        self.components = build_components(model, self.config, text_encoder, needed)
+        self.components = load_components(args.checkpoint, needed, device, voices=args.voices_uri)
         values = warmup_values(self.config)
         for stage in self.stages:
             run_stage(stage, self.components, values)
@@ -87,3 +84,6 @@ class StageReplica:
 
     async def ready(self) -> bool:
         return True
+
+    def __del__(self):
+        close_components(getattr(self, "components", {}))

@@ -132,9 +132,10 @@ def test_registry_is_durable_and_unknown_ids_are_not_found(registry, added):
 
 
 def test_a_bound_voice_resolves_through_the_encode_voice_stage(tiny_engine, registry, added, monkeypatch):
-    """The stage reads the registry named by $OMNIREEL_VOICES; LocalEngine, Serve and batch all run it
-    with run_stage, so the speaker embedding the backbone sees is the registry's, bit for bit."""
-    monkeypatch.setenv("OMNIREEL_VOICES", registry.prefix)
+    """The stage reads the registry that is its component (LocalEngine(voices=), the Serve app's
+    voices_uri, batch --voice-store); every driver runs it with run_stage, so the speaker embedding
+    the backbone sees is the registry's, bit for bit."""
+    monkeypatch.setitem(tiny_engine.components, "voices", registry)
     anna, bob = added[("en", "f4", 0)], added[("en", "m3", 0)]
 
     def request(voice_id, character="ANNA"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import canonical_json
 from .model.config import ModelConfig, preset
-from .model.omni import OmniModel, build_model
+from .model.omni import PARTS, OmniModel, build_model, build_part
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -84,6 +84,29 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     check_state_dict(model.state_dict(), tensors, source=directory)
     model.load_state_dict(tensors, strict=True)
     return model.eval()
+
+
+def load_parts(directory: str | os.PathLike, names, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """Only the named parts of `directory`'s OmniModel (see model/omni.py PARTS), each loaded strictly
+    from its own keys of the weights file: a decoder replica never reads the backbone's bytes."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    config = read_config(directory)
+    parts = {}
+    with safe_open(directory / WEIGHTS_FILE, framework="pt", device=str(device)) as weights:
+        keys = list(weights.keys())
+        for name in names:
+            if name not in PARTS:
+                raise ValueError(f"unknown model part {name!r}; parts: {list(PARTS)}")
+            with torch.device(device):
+                part = build_part(name, config)
+            prefix = name + "."
+            tensors = {key[len(prefix):]: weights.get_tensor(key) for key in keys if key.startswith(prefix)}
+            check_state_dict(part.state_dict(), tensors, source=directory)
+            part.load_state_dict(tensors, strict=True)
+            parts[name] = part.eval()
+    return parts
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source) -> None:

@@ -21,12 +21,14 @@ class RenderResult:
 
 
 class LocalEngine:
-    def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", voices: str | None = None):
+        """`voices`: the voice registry's URI (default $OMNIREEL_VOICES, else $OMNIREEL_HOME/voices)."""
         self.checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
         self.model = load_checkpoint(self.checkpoint, device=device)
         self.config = self.model.config
         self.digest = read_digest(self.checkpoint)
-        self.components = build_components(self.model, self.config, build_text_encoder(self.config.text))
+        self.components = build_components(dict(self.model.named_children()), self.config,
+                                           build_text_encoder(self.config.text), voices=voices)
 
     def plan(self, request: GenerationRequest) -> ScenePlan:
         return plan_request(request, self.config)

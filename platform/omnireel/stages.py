@@ -122,14 +122,12 @@ def encode_text(text_encoder, plan: ScenePlan) -> TextEmbeddings:
     return TextEmbeddings(captions=encoded[:len(plan.captions)], characters=encoded[len(plan.captions):])
 
 
-def encode_voice(plan: ScenePlan) -> VoiceEmbeddings:
-    """Speaker embeddings of the bound characters, read from the voice registry ($OMNIREEL_VOICES).
+def encode_voice(registry, plan: ScenePlan) -> VoiceEmbeddings:
+    """Speaker embeddings of the bound characters, read from the voice registry (voices.VoiceRegistry).
     An id that is not (or no longer) there raises voices.VoiceNotFound naming the field."""
     from .model.voice import EMBEDDING_DIM
     if not plan.voices:
         return VoiceEmbeddings(speakers=torch.zeros(0, EMBEDDING_DIM))
-    from .voices import VoiceRegistry
-    registry = VoiceRegistry()
     registry.check_bindings(plan.voices)
     return VoiceEmbeddings(speakers=registry.embeddings([voice_id for _, voice_id in plan.voices]))
 
@@ -279,7 +277,7 @@ class Stage:
 
 STAGE_GRAPH: tuple[Stage, ...] = (
     Stage("encode_text", encode_text, "text_encoder", ("plan",), "text", {"CPU": 1}),
-    Stage("encode_voice", encode_voice, None, ("plan",), "voice", {"CPU": 1}),
+    Stage("encode_voice", encode_voice, "voices", ("plan",), "voice", {"CPU": 1}),
     Stage("encode_media", encode_media, "media_encoder", ("plan",), "media", {"CPU": 1}),
     Stage("denoise", denoise, "backbone", ("plan", "text", "voice", "media"), "latents", {"GPU": 1},
           takes_hooks=True),
@@ -299,13 +297,43 @@ def run_stage(stage: Stage, components: dict, values: dict, progress: ProgressFn
     return stage.fn(*args, **kwargs)
 
 
-def build_components(model, config: ModelConfig, text_encoder, names=None) -> dict:
-    """The components stages run on, from a loaded OmniModel (only `names` if given)."""
+# which OmniModel parts (model/omni.py PARTS) each component is made of
+COMPONENT_PARTS = {"text_encoder": (), "voices": (), "backbone": ("backbone",), "vae": ("vae",),
+                   "media_encoder": ("vae", "audio_codec"), "audio_decoder": ("audio_codec",)}
+
+
+def build_components(parts, config: ModelConfig, text_encoder, names=None, voices: str | None = None) -> dict:
+    """The components stages run on, from loaded model parts (`parts[name]`: an OmniModel's children
+    by name, or checkpoint.load_parts' dict); only `names` if given. `voices` is the voice
+    registry's URI (default voices.default_voice_prefix())."""
+    from .voices import VoiceRegistry
+
     makers = {
         "text_encoder": lambda: text_encoder,
-        "backbone": lambda: model.backbone,
-        "vae": lambda: model.vae,
-        "media_encoder": lambda: MediaEncoder(model.vae, model.audio_codec),
-        "audio_decoder": lambda: AudioDecoder(model.audio_codec, Vocoder(config.audio)),
+        "voices": lambda: VoiceRegistry(voices),
+        "backbone": lambda: parts["backbone"],
+        "vae": lambda: parts["vae"],
+        "media_encoder": lambda: MediaEncoder(parts["vae"], parts["audio_codec"]),
+        "audio_decoder": lambda: AudioDecoder(parts["audio_codec"], Vocoder(config.audio)),
     }
     return {name: make() for name, make in makers.items() if names is None or name in names}
+
+
+def load_components(checkpoint, names, device="cpu", voices: str | None = None) -> dict:
+    """The named components from a checkpoint folder, loading only the model parts they are made of
+    (a replica or pool actor that runs some stages loads just those); `voices` as in build_components."""
+    from .checkpoint import load_parts, read_config
+    from .model.text import build_text_encoder
+
+    config = read_config(checkpoint)
+    parts = load_parts(checkpoint, sorted({part for name in names for part in COMPONENT_PARTS[name]}), device)
+    text_encoder = build_text_encoder(config.text) if "text_encoder" in names else None
+    return build_components(parts, config, text_encoder, names, voices)
+
+
+def close_components(components: dict) -> None:
+    """Releases what components hold outside this process (a vLLM text encoder's engine)."""
+    for component in components.values():
+        close = getattr(component, "close", None)
+        if close is not None:
+            close()

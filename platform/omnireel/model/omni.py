@@ -12,13 +12,26 @@ from .config import ModelConfig
 from .vae import VideoVAE
 
 
+PARTS = ("backbone", "vae", "audio_codec")   # the OmniModel's children: its state_dict's key prefixes
+
+
+def build_part(name: str, config: ModelConfig) -> nn.Module:
+    """One part of the OmniModel, freshly initialized (a replica that needs only it builds only it)."""
+    if name == "backbone":
+        return OmniBackbone(config.backbone)
+    if name == "vae":
+        return VideoVAE(config.vae)
+    if name == "audio_codec":
+        return AudioCodec(config.audio)
+    raise ValueError(f"unknown model part {name!r}; parts: {list(PARTS)}")
+
+
 class OmniModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.backbone = OmniBackbone(config.backbone)
-        self.vae = VideoVAE(config.vae)
-        self.audio_codec = AudioCodec(config.audio)
+        for name in PARTS:
+            setattr(self, name, build_part(name, config))
 
 
 def build_model(config: ModelConfig) -> OmniModel:
