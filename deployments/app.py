@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from omnireel.parallel.group import BackboneGroup
+from omnireel.parallel.inprocess import host_resources
 from omnireel.stages import STAGE_GRAPH
 
 from .args import AppArgs
@@ -47,12 +48,13 @@ def build_app(args: dict | AppArgs):
         deployment = STAGE_DEPLOYMENTS.get(stage.name)
         if deployment is None:                    # no model (mux): runs in the JobRunner
             continue
-        if deployment is Backbone:                # the replica's CPUs join rank 0's bundle
-            stages[stage.name] = Backbone.options(
-                ray_actor_options={"num_cpus": args.replica_cpus},
-                placement_group_bundles=BackboneGroup.bundles(args.tp, args.use_gpu, args.cpus_per_rank,
-                                                              host={"CPU": args.replica_cpus}),
-                placement_group_strategy="STRICT_PACK").bind(args, store)
+        if deployment is Backbone:
+            host = host_resources(args.tp, args.use_gpu, args.cpus_per_rank, args.replica_cpus)
+            group = {} if args.tp == 1 else {     # rank actors in the replica's own bundles, its CPUs in bundle 0
+                "placement_group_bundles": BackboneGroup.bundles(args.tp, args.use_gpu, args.cpus_per_rank,
+                                                                 host={"CPU": args.replica_cpus}),
+                "placement_group_strategy": "STRICT_PACK"}
+            stages[stage.name] = Backbone.options(ray_actor_options=host, **group).bind(args, store)
         else:
             gpus = 1 if args.use_gpu and stage.resources.get("GPU") else 0
             stages[stage.name] = deployment.options(

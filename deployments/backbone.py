@@ -1,6 +1,7 @@
-"""The Backbone deployment: the `denoise` stage on a BackboneGroup of TP rank actors.
+"""The Backbone deployment: the `denoise` stage on the replica's backbone host (parallel/inprocess.py
+`open_backbone`): at tp=1 the replica runs the backbone itself; above, a BackboneGroup of TP rank actors.
 
-Each replica owns its group: the replica is declared with `placement_group_bundles` (one bundle
+Above tp=1 each replica owns its group: the replica is declared with `placement_group_bundles` (one bundle
 per rank, the replica's own CPUs joined to bundle 0, STRICT_PACK; see app.py) and hands its
 placement group to the group, which places rank i in bundle i, as Ray Serve LLM does for vLLM.
 
@@ -20,8 +21,8 @@ from ray.util import get_current_placement_group
 
 from omnireel import metrics
 from omnireel.checkpoint import read_config
-from omnireel.model.sampler import Cancelled
-from omnireel.parallel.group import BackboneGroup, JobCancelled, RankFailure
+from omnireel.parallel.group import RankFailure
+from omnireel.parallel.inprocess import open_backbone
 
 from .stage_replica import DRIVER, NO_JOB, STAGES, JobTicket, set_threads, warmup_values
 
@@ -31,27 +32,45 @@ PROGRESS_REPORT_TIMEOUT_S = 10.0
 
 
 class JobSignals:
-    """The `progress(i, n)` and `should_stop()` hooks of one job, called from the group's poll
-    thread: each step goes to the JobStore, whose answer (stop or not) should_stop() returns."""
+    """The `progress(i, n)` and `should_stop()` hooks of one job, called from the thread that runs
+    denoising (or polls the group). Reports go to the JobStore from the replica's event loop, so a
+    step never waits on the store: one report is in flight at a time and the newest step replaces
+    one not yet sent. The store's answer (stop or not) is what should_stop() returns from then on."""
 
-    def __init__(self, store, ticket: JobTicket):
-        self.store, self.ticket = store, ticket
+    def __init__(self, store, ticket: JobTicket, loop: asyncio.AbstractEventLoop):
+        self.store, self.ticket, self.loop = store, ticket, loop
         self.stop = False
         self.steps_done = 0
+        self._unsent: tuple[int, int] | None = None     # the newest (step, steps) not yet reported
+        self._sending = False
 
     def progress(self, step: int, steps: int) -> None:
         metrics.record("omnireel_denoise_steps", step - self.steps_done, driver=DRIVER)
         self.steps_done = step
-        if self.ticket == NO_JOB:
-            return
-        try:
-            self.stop = self.stop or self.store.report_progress.remote(self.ticket, step, steps).result(
-                timeout_s=PROGRESS_REPORT_TIMEOUT_S)
-        except Exception as exc:   # the store is restarting: keep denoising, report the next step
-            logger.warning("progress report for %s failed: %s", self.ticket.job_id, exc)
+        if self.ticket != NO_JOB:
+            self.loop.call_soon_threadsafe(self._report, step, steps)
 
     def should_stop(self) -> bool:
         return self.stop
+
+    def _report(self, step: int, steps: int) -> None:   # on the event loop
+        self._unsent = (step, steps)
+        if not self._sending:
+            self._sending = True
+            self.loop.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._unsent is not None:
+                (step, steps), self._unsent = self._unsent, None
+                try:
+                    stop = await asyncio.wait_for(self.store.report_progress.remote(self.ticket, step, steps),
+                                                  PROGRESS_REPORT_TIMEOUT_S)
+                    self.stop = self.stop or stop
+                except Exception as exc:   # the store is restarting: keep denoising, report the next step
+                    logger.warning("progress report for %s failed: %s", self.ticket.job_id, exc)
+        finally:
+            self._sending = False
 
 
 @serve.deployment
@@ -59,26 +78,24 @@ class Backbone:
     def __init__(self, args, store):
         set_threads(args.threads)
         self.store = store
-        self.group = BackboneGroup(args.checkpoint, args.tp, get_current_placement_group(), use_gpu=args.use_gpu,
-                                   cpus_per_rank=args.cpus_per_rank, threads=args.threads)
+        self.host = open_backbone(args.checkpoint, args.tp, get_current_placement_group(), use_gpu=args.use_gpu,
+                                  cpus_per_rank=args.cpus_per_rank, threads=args.threads)
         values = warmup_values(read_config(args.checkpoint))
-        self.group.denoise(*[values[name] for name in DENOISE.inputs])
+        self.host.denoise(*[values[name] for name in DENOISE.inputs])
 
     async def run(self, stage_name: str, ticket: JobTicket, *inputs):
-        """The denoise stage: (plan, text, voice, media) -> GeneratedLatents, on the TP group."""
+        """The denoise stage: (plan, text, voice, media) -> GeneratedLatents, on the backbone host."""
         if stage_name != DENOISE.name:
             raise ValueError(f"Backbone does not run stage {stage_name!r}")
-        signals = JobSignals(self.store, ticket)
+        signals = JobSignals(self.store, ticket, asyncio.get_running_loop())
         start = time.perf_counter()
         try:
-            latents = await asyncio.to_thread(self.group.denoise, *inputs, progress=signals.progress,
+            latents = await asyncio.to_thread(self.host.denoise, *inputs, progress=signals.progress,
                                               should_stop=signals.should_stop)
-        except JobCancelled as exc:   # as the plain Cancelled: JobCancelled does not survive pickling
-            raise Cancelled(str(exc)) from None
         except RankFailure:
-            await asyncio.to_thread(self.group.rebuild)   # a fresh set of ranks for the next job
+            await asyncio.to_thread(self.host.rebuild)   # a fresh set of ranks for the next job
             raise
-        except asyncio.CancelledError:   # the caller gave up: stop the ranks at the next step
+        except asyncio.CancelledError:   # the caller gave up: stop at the next step
             signals.stop = True
             raise
         metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=DENOISE.name, driver=DRIVER)
@@ -88,6 +105,6 @@ class Backbone:
         return True
 
     def __del__(self):
-        group = getattr(self, "group", None)
-        if group is not None:
-            group.shutdown()
+        host = getattr(self, "host", None)
+        if host is not None:
+            host.shutdown()

@@ -5,7 +5,8 @@
       -> driver: refused rows, done rows, rows to render (one per artifact key)
     rows to render, one block per row
       -> encode pool   (actors: the stages before denoise)
-      -> denoise pool  (a fixed number of actors; each drives a BackboneGroup in its own placement group)
+      -> denoise pool  (a fixed number of actors; each runs the backbone at tp=1, else drives a
+                        BackboneGroup in its own placement group)
       -> decode pool   (actors: the stages after denoise, then the artifact and its sidecar, each atomic)
       -> driver: results.parquet (from the sidecars), errors.parquet, metrics, the Pushgateway
 
@@ -36,13 +37,14 @@ import ray
 import torch
 
 from omnireel import metrics, storage
-from omnireel.checkpoint import default_checkpoint, load_checkpoint, read_config, read_digest
+from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
-from omnireel.model.text import build_text_encoder
 from omnireel.parallel.group import BackboneGroup, RankFailure
+from omnireel.parallel.inprocess import host_resources, open_backbone
 from omnireel.parallel.tp import check_tp_degree
 from omnireel.plan import artifact_extension, plan_request
-from omnireel.stages import STAGE_GRAPH, Stage, build_components, run_stage
+from omnireel.stages import STAGE_GRAPH, Stage, close_components, load_components, run_stage
+from omnireel.voices import default_voice_prefix
 
 from . import rows
 from .manifest import ManifestError, check_columns, check_row
@@ -64,6 +66,8 @@ class BatchOptions:
     cpus_per_rank: float = 1
     save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
     pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
+    voices: str | None = None           # voice registry URI (default: voices.default_voice_prefix(), resolved
+                                        # on the driver so that every actor reads the same registry)
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,10 @@ class StagePool:
 
     pool = ""
 
-    def __init__(self, checkpoint: str, threads: int | None = None):
+    def __init__(self, checkpoint: str, threads: int | None = None, voices: str | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.voices = checkpoint, voices
         self.config = read_config(checkpoint)
         self.stages = POOLS[self.pool]
         names = list(POOLS)
@@ -134,12 +138,10 @@ class StagePool:
         self.components = self.load({stage.component for stage in self.stages} - {None})
 
     def load(self, names: set[str]) -> dict:
-        if not names:
-            return {}
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-        model = load_checkpoint(self.checkpoint, device=device)
-        text_encoder = build_text_encoder(model.config.text) if "text_encoder" in names else None
-        return build_components(model, model.config, text_encoder, names)
+        return load_components(self.checkpoint, names, "cuda" if ray.get_gpu_ids() else "cpu", voices=self.voices)
+
+    def __del__(self):
+        close_components(getattr(self, "components", {}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return rows.to_table([self.run_row(row) for row in rows.from_table(batch)], self.gives)
@@ -176,24 +178,30 @@ class EncodePool(StagePool):
 
 
 class DenoisePool(StagePool):
-    """The denoise stage on a BackboneGroup that lives in this actor's placement group (its ranks
-    are child actors, captured into the group's bundles)."""
+    """The denoise stage on this actor's backbone host (parallel/inprocess.py): at tp=1 the actor runs
+    the backbone itself; above, a BackboneGroup whose ranks are child actors captured into the
+    actor's placement group."""
 
     pool = "denoise"
 
     def __init__(self, checkpoint: str, threads: int | None = None, tp: int = 1, cpus_per_rank: float = 1):
         super().__init__(checkpoint, threads)
-        self.group = BackboneGroup(checkpoint, tp, ray.util.get_current_placement_group(),
-                                   cpus_per_rank=cpus_per_rank, threads=threads)
+        self.host = open_backbone(checkpoint, tp, ray.util.get_current_placement_group(),
+                                  cpus_per_rank=cpus_per_rank, threads=threads)
 
     def load(self, names):
-        return {}                         # the backbone lives on the group's ranks
+        return {}                         # the backbone lives on the host
+
+    def __del__(self):
+        host = getattr(self, "host", None)
+        if host is not None:
+            host.shutdown()
 
     def call(self, stage, values, row):
         try:
-            latents = self.group.denoise(*(values[name] for name in stage.inputs))   # the stage's contract
+            latents = self.host.denoise(*(values[name] for name in stage.inputs))   # the stage's contract
         except RankFailure:
-            self.group.rebuild()          # this row fails; the next ones get fresh ranks
+            self.host.rebuild()          # this row fails; the next ones get fresh ranks
             raise
         metrics.record("omnireel_denoise_steps", values["plan"].steps, driver=DRIVER)
         return latents
@@ -339,10 +347,10 @@ def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, t
     ds.context.issue_detectors_config.detectors = []
     common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
     for pool, size, kwargs, resources in (
-            ("encode", options.encoders, {}, pool_resources("encode", use_gpu)),
+            ("encode", options.encoders, {"voices": options.voices or default_voice_prefix()},
+             pool_resources("encode", use_gpu)),
             ("denoise", options.replicas, {"tp": options.tp, "cpus_per_rank": options.cpus_per_rank},
-             {"num_cpus": 0, "num_gpus": 0, "ray_remote_args_fn": DenoisePlacement(
-                 tag, tuple(BackboneGroup.bundles(options.tp, use_gpu, options.cpus_per_rank)))}),
+             denoise_resources(options, use_gpu, tag)),
             ("decode", options.decoders, {"out": out, "save_latents": options.save_latents},
              pool_resources("decode", use_gpu))):
         with warnings.catch_warnings():   # deprecated in Ray 2.60, still how ray.data.llm places TP engines
@@ -351,6 +359,15 @@ def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, t
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads, **kwargs},
                                 **common, **resources)
     yield from ds.iter_rows()
+
+
+def denoise_resources(options: BatchOptions, use_gpu: bool, tag: str) -> dict:
+    """A denoise actor's resources: at tp=1 the actor is the rank (parallel/inprocess.py); above, it
+    takes nothing itself and gets a placement group of one bundle per rank."""
+    if options.tp == 1:
+        return host_resources(1, use_gpu, options.cpus_per_rank, host_cpus=0)
+    bundles = tuple(BackboneGroup.bundles(options.tp, use_gpu, options.cpus_per_rank))
+    return {"num_cpus": 0, "num_gpus": 0, "ray_remote_args_fn": DenoisePlacement(tag, bundles)}
 
 
 def pool_resources(pool: str, use_gpu: bool) -> dict:
@@ -495,7 +512,7 @@ def command(args) -> None:
         if value is not None and value < 1:
             fail(f"--{name}: must be >= 1 (got {value})")
     options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
-                           save_latents=args.save_latents, pushgateway=args.pushgateway)
+                           save_latents=args.save_latents, pushgateway=args.pushgateway, voices=args.voice_store)
     try:
         checkpoint = str(args.checkpoint or default_checkpoint())
         config = read_config(checkpoint)

@@ -109,3 +109,9 @@ def driver_env(ray_module) -> dict:
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def placement_groups(ray_module) -> dict[str, str]:
+    """The batch pipeline's placement groups in this session: name -> state."""
+    return {info["name"]: info["state"] for info in ray_module.util.placement_group_table().values()
+            if info["name"].startswith("omnireel-batch-")}

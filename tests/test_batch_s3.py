@@ -12,8 +12,8 @@ import pytest
 
 from omnireel import media, storage
 
-from batch_support import REPO, SMALL, artifacts, driver_env, free_port, manifest_rows, python, read_parquet, \
-    start_server, stop, write_manifest
+from batch_support import (REPO, SMALL, artifacts, driver_env, free_port, manifest_rows, placement_groups, python,
+                           read_parquet, start_server, stop, write_manifest)
 
 BUCKET = "omnireel-batch"
 
@@ -53,7 +53,10 @@ def test_batch_on_s3(s3, ray_session, tiny_checkpoint):
     manifest = write_manifest(f"{s3}/manifests/prompts.parquet", rows)
     out = f"{s3}/renders"
 
-    assert batch(ray_session, tiny_checkpoint, manifest, out) == (4, 0, 1, 2)
+    before = set(placement_groups(ray_session))
+    assert batch(ray_session, tiny_checkpoint, manifest, out, "--tp", "2") == (4, 0, 1, 2)   # a group of 2 ranks
+    created = {k: v for k, v in placement_groups(ray_session).items() if k not in before}
+    assert list(created.values()) == ["REMOVED"]     # one per denoise actor, removed after the run
     found = artifacts(out)
     assert len(found["mp4"]) == 4 and len(found["json"]) == 4 and set(found) == {"mp4", "json"}
     results = read_parquet(f"{out}/results.parquet")

@@ -83,6 +83,9 @@ class JobCancelled(Cancelled):
                          f"{steps} of {total} steps")
         self.job_id, self.steps, self.total, self.steps_by_rank = job_id, steps, total, steps_by_rank
 
+    def __reduce__(self):   # rebuilt from its arguments, so it crosses Ray (pickling) as itself
+        return type(self), (self.job_id, self.steps_by_rank, self.total)
+
 
 # ---- rank 0's scheduler ------------------------------------------------------------------------
 

@@ -1,0 +1,79 @@
+"""The tp=1 backbone host and partial loading: InProcessBackbone returns LocalEngine's latents
+exactly and stops at the step should_stop asks for; `open_backbone` picks it at tp=1 only;
+`load_parts` loads one part of the checkpoint strictly and equal to the whole model's; a
+JobCancelled survives pickling (it crosses Ray from a Backbone replica to the JobRunner)."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from omnireel.checkpoint import WEIGHTS_FILE, load_parts
+from omnireel.model.sampler import Cancelled
+from omnireel.parallel.group import JobCancelled
+from omnireel.parallel.inprocess import InProcessBackbone, host_resources, open_backbone
+from omnireel.stages import COMPONENT_PARTS, load_components
+
+from test_group import denoise_job, request
+
+
+def test_the_in_process_host_returns_local_engines_latents_exactly(tiny_checkpoint, tiny_engine):
+    host = open_backbone(tiny_checkpoint, 1)
+    assert isinstance(host, InProcessBackbone)
+    job = denoise_job(tiny_engine, request())
+    latents = host.denoise(job.plan, job.text, job.voice, job.media)
+    expected = tiny_engine.render(request()).latents
+    assert torch.equal(latents.video, expected.video) and torch.equal(latents.audio, expected.audio)
+
+
+def test_the_in_process_host_reports_each_step_and_stops_when_asked(tiny_checkpoint, tiny_engine):
+    host = InProcessBackbone(tiny_checkpoint)
+    job = denoise_job(tiny_engine, request(steps=10))
+    seen = []
+    with pytest.raises(Cancelled):
+        host.denoise(job.plan, job.text, job.voice, job.media, progress=lambda i, n: seen.append((i, n)),
+                     should_stop=lambda: len(seen) >= 3)
+    assert seen == [(1, 10), (2, 10), (3, 10)]
+
+
+def test_host_resources_make_the_host_the_rank_at_tp_1_only():
+    assert host_resources(1, True, cpus_per_rank=2, host_cpus=0.5) == {"num_cpus": 2.5, "num_gpus": 1}
+    assert host_resources(2, True, cpus_per_rank=2, host_cpus=0.5) == {"num_cpus": 0.5, "num_gpus": 0}
+
+
+def test_load_parts_loads_only_the_named_part_equal_to_the_whole_model(tiny_checkpoint, tiny_engine):
+    parts = load_parts(tiny_checkpoint, ["vae"])
+    assert list(parts) == ["vae"]
+    whole = tiny_engine.model.vae.state_dict()
+    assert all(torch.equal(tensor, whole[name]) for name, tensor in parts["vae"].state_dict().items())
+    with pytest.raises(ValueError, match="unknown model part 'vocoder'"):
+        load_parts(tiny_checkpoint, ["vocoder"])
+
+
+def test_load_components_builds_each_component_from_its_parts(tiny_checkpoint):
+    components = load_components(tiny_checkpoint, {"audio_decoder", "media_encoder"})
+    assert set(components) == {"audio_decoder", "media_encoder"}
+    assert COMPONENT_PARTS["backbone"] == ("backbone",) and COMPONENT_PARTS["text_encoder"] == ()
+
+
+def test_a_part_with_a_missing_key_is_refused_by_name(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in tiny_checkpoint.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(tiny_checkpoint / WEIGHTS_FILE)
+    dropped = next(name for name in tensors if name.startswith("audio_codec."))
+    del tensors[dropped]
+    save_file(tensors, broken / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match=f"missing keys: {dropped[len('audio_codec.'):]}"):
+        load_parts(broken, ["audio_codec"])
+    assert load_parts(broken, ["vae"])      # the other parts do not need that key
+
+
+def test_job_cancelled_survives_pickling():
+    error = pickle.loads(pickle.dumps(JobCancelled("job1", [3, 3], 10)))
+    assert isinstance(error, JobCancelled) and isinstance(error, Cancelled)
+    assert (error.job_id, error.steps, error.total, error.steps_by_rank) == ("job1", 3, 10, [3, 3])
+    assert "stopped after 3 of 10 steps" in str(error)
