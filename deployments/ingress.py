@@ -10,12 +10,21 @@ JobStore, which owns every job. Routes (shapes as in the `openai` package's type
     GET    /v1/videos/{id}/content      the MP4 (variant=thumbnail: a PNG of the first frame)
     DELETE /v1/videos/{id}              cancels (job ends failed, code "cancelled") or deletes -> {id, object, deleted}
     POST   /v1/images/generations       one frame through the same pipeline -> {created, data: [{b64_json}]}
+    POST   /v1/voices                   register a voice (multipart: file = WAV/MP3/FLAC, name) -> Voice
+    GET    /v1/voices                   every voice, oldest first -> {object: "list", data}
+    GET    /v1/voices/{id}              Voice: id, name, created_at, speech_seconds, encoder
+    DELETE /v1/voices/{id}              -> {id, object: "voice.deleted", deleted}
     GET    /v1/models, /v1/models/{id}  the served model
     GET    /healthz                     200 once every deployment is loaded and warmed up, else 503
     GET    /metrics                     this node's Prometheus text (Ray's endpoint; OmniReel names carry `ray_`)
 
 Errors are {"error": {message, type, param, code}}: 400 bad input, 401 missing/wrong API key, 404
-unknown id, 409 Idempotency-Key reuse, 413 too large, 415 content type, 429/503 with Retry-After.
+unknown id (a video, a voice, or a voice bound by a create: param voices.<i>.voice_id), 409
+Idempotency-Key reuse, 413 too large, 415 content type, 429/503 with Retry-After.
+
+Voices live in the registry at AppArgs.voices_uri, the one the encode_voice stage reads (and
+`omnireel voices` and batch --voice-store share). Registering one runs the speaker encoder here, in
+a thread; its weights load on the first registration, never at start-up.
 """
 # No `from __future__ import annotations`: FastAPI must see real types on Serve's wrapped methods.
 import asyncio
@@ -42,10 +51,12 @@ from omnireel.checkpoint import read_config, read_digest
 from omnireel.config import normalized, request_key
 from omnireel.media import encode_png
 from omnireel.plan import PlanError, plan_request
+from omnireel.storyboard import StoryboardError, resolve_storyboard
+from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
 from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor
-from .request_parsing import (APIError, VideoCreateBody, check_media_fields, generation_request, parse_body,
-                              read_body)
+from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, check_media_fields, generation_request,
+                              parse_body, read_body, reference_policy, voice_upload)
 
 STORE_TIMEOUT_S = 30.0          # how long a request waits for the job store (e.g. while it restarts)
 
@@ -96,6 +107,26 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: Literal["png"] = "png"
     size: str
+
+
+class Voice(BaseModel):
+    id: str
+    object: Literal["voice"] = "voice"
+    name: str
+    created_at: float                 # unix seconds
+    speech_seconds: float             # speech left in the recording after trimming silences
+    encoder: str                      # the speaker encoder that made the embedding
+
+
+class VoiceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Voice]
+
+
+class VoiceDeleted(BaseModel):
+    id: str
+    object: Literal["voice.deleted"] = "voice.deleted"
+    deleted: bool
 
 
 class Model(BaseModel):
@@ -151,6 +182,22 @@ def unknown(video_id: str) -> APIError:
     return APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
 
 
+def unknown_voice(exc: VoiceNotFound) -> APIError:
+    return APIError(404, str(exc), param=exc.field or "voice_id", code="voice_not_found")
+
+
+def voice_object(voice) -> dict:
+    return {**voice.public(), "object": "voice"}
+
+
+MEDIA_TYPES = {"mp4": "video/mp4", "m4a": "audio/mp4", "png": "image/png"}
+
+
+def media_type(artifact_uri: str) -> str:
+    """The Content-Type of an artifact, from its extension (config.artifact_extension's rule)."""
+    return MEDIA_TYPES.get(artifact_uri.rsplit(".", 1)[-1], "application/octet-stream")
+
+
 def first_frame_png(mp4: bytes) -> bytes:
     """The first frame of an MP4 (or the PNG itself), as PNG; decodes one frame only."""
     if mp4[:8] == b"\x89PNG\r\n\x1a\n":
@@ -163,6 +210,8 @@ def first_frame_png(mp4: bytes) -> bytes:
 CREATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": VideoCreateBody.model_json_schema()},
     "multipart/form-data": {"schema": VideoCreateBody.model_json_schema()}}}}
+VOICE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": VoiceCreateBody.model_json_schema()}}}}
 
 
 @serve.deployment
@@ -175,6 +224,8 @@ class Ingress:
         self.config, self.digest = config, read_digest(args.checkpoint)
         self.model_id = args.model_name or f"omnireel-{config.name}"
         self.started = int(time.time())
+        self.policy = reference_policy(args)                 # the allow-list, as the core validates it
+        self.voices = VoiceRegistry(args.voices_uri)         # the speaker encoder loads on the first add
 
     # -- videos --
 
@@ -218,8 +269,11 @@ class Ingress:
         except FileNotFoundError:
             raise APIError(404, f"the content of video {video_id} is gone (deleted or expired)", param="video_id")
         if variant == "thumbnail":
+            if media_type(record.artifact) == "audio/mp4":
+                raise APIError(400, f"variant: video {video_id} is audio alone (mode 'audio'); it has no thumbnail",
+                               param="variant")
             return Response(await asyncio.to_thread(first_frame_png, data), media_type="image/png")
-        return Response(data, media_type="video/mp4")
+        return Response(data, media_type=media_type(record.artifact))
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete_video(self, request: Request, video_id: str) -> dict:
@@ -252,6 +306,44 @@ class Ingress:
         png = await asyncio.to_thread(storage.read_bytes, record.artifact)
         return {"created": int(record.created_at), "data": [{"b64_json": base64.b64encode(png).decode()}],
                 "output_format": "png", "size": record.request["size"]}
+
+    # -- voices --
+
+    @app.post("/v1/voices", response_model=Voice, openapi_extra=VOICE_BODY)
+    async def create_voice(self, request: Request) -> dict:
+        self._authorize(request)
+        fields = await parse_body(request, await read_body(request, self.args.max_body_bytes))
+        recording, name = voice_upload(fields, self.args)            # 413 before anything decodes it
+        try:
+            voice = await asyncio.to_thread(self.voices.add, recording, name)
+        except VoiceRejected as exc:
+            param = "name" if str(exc).startswith("name") else "file"
+            message = str(exc) if param == "name" else f"file: {exc}"
+            raise APIError(400, message, param=param, code="voice_rejected")
+        return voice_object(voice)
+
+    @app.get("/v1/voices", response_model=VoiceList)
+    async def list_voices(self, request: Request) -> dict:
+        self._authorize(request)
+        voices = await asyncio.to_thread(self.voices.list)
+        return {"object": "list", "data": [voice_object(v) for v in voices]}
+
+    @app.get("/v1/voices/{voice_id}", response_model=Voice)
+    async def retrieve_voice(self, request: Request, voice_id: str) -> dict:
+        self._authorize(request)
+        try:
+            return voice_object(await asyncio.to_thread(self.voices.get, voice_id))
+        except VoiceNotFound as exc:
+            raise unknown_voice(exc)
+
+    @app.delete("/v1/voices/{voice_id}", response_model=VoiceDeleted)
+    async def delete_voice(self, request: Request, voice_id: str) -> dict:
+        self._authorize(request)
+        try:
+            await asyncio.to_thread(self.voices.delete, voice_id)
+        except VoiceNotFound as exc:
+            raise unknown_voice(exc)
+        return {"id": voice_id, "object": "voice.deleted", "deleted": True}
 
     # -- models, health, metrics --
 
@@ -307,11 +399,20 @@ class Ingress:
             raise APIError(400, f"model: unknown model {model!r}; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")
         check_media_fields(fields, self.args)
-        generation = generation_request(fields, "image" if kind == "image" else "video")
+        generation = generation_request(fields, "image" if kind == "image" else "video", self.policy)
+        if generation.storyboard == "llm":        # planned once, here: the job carries the shots
+            try:
+                generation = await asyncio.to_thread(resolve_storyboard, generation)
+            except StoryboardError as exc:
+                raise APIError(400, str(exc), param="storyboard", code="storyboard_unavailable")
         try:
             plan_request(generation, self.config)
         except PlanError as exc:
             raise APIError(400, str(exc), param=exc.field, code="invalid_value")
+        try:                                      # an unknown voice is a 404 now, never a job that fails later
+            await asyncio.to_thread(self.voices.check_bindings, generation.voices)
+        except VoiceNotFound as exc:
+            raise unknown_voice(exc)
         try:
             record, _ = await self._ask_store("create", kind, self.model_id, normalized(generation),
                                               request_key(generation, self.digest), self._idempotency_key(request))

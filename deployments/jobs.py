@@ -37,12 +37,13 @@ from ray.serve.handle import DeploymentResponse
 
 from omnireel import metrics, storage
 from omnireel.checkpoint import read_config, read_digest
-from omnireel.config import GenerationRequest
+from omnireel.config import parse_request
 from omnireel.model.sampler import Cancelled
 from omnireel.parallel.group import RankFailure
 from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, run_stage
 
+from .request_parsing import reference_policy
 from .stage_replica import DRIVER, NO_JOB, JobTicket
 
 logger = logging.getLogger("ray.serve")
@@ -468,6 +469,7 @@ class JobRunner:
     def __init__(self, args, store, stages: dict):
         self.args, self.store, self.stages = args, store, stages     # stages: stage name -> handle
         self.config, self.digest = read_config(args.checkpoint), read_digest(args.checkpoint)
+        self.policy = reference_policy(args)      # the allow-list the ingress accepted the request under
         unplaced = [s.name for s in STAGE_GRAPH if s.component is not None and s.name not in stages]
         if unplaced:
             raise ValueError(f"stages {unplaced} need a model but have no deployment")
@@ -510,7 +512,7 @@ class JobRunner:
 
     async def latents(self, request: dict):
         """The GeneratedLatents of a request through the served stages (the parity check's view)."""
-        plan = plan_request(GenerationRequest.model_validate(request), self.config)
+        plan = plan_request(parse_request(request, self.policy), self.config)
         return await self._chain(NO_JOB, plan, until="latents")
 
     async def ready(self) -> bool:
@@ -518,7 +520,7 @@ class JobRunner:
 
     async def _render(self, ticket: JobTicket, record: JobRecord) -> str:
         """Runs the graph for the job; writes artifact then sidecar; returns the artifact URI."""
-        plan = plan_request(GenerationRequest.model_validate(record.request), self.config)
+        plan = plan_request(parse_request(record.request, self.policy), self.config)
         prefix, extension = self.args.storage_uri, plan.artifact_extension
         artifact_uri = storage.artifact_uri(prefix, record.key, extension)
         if await asyncio.to_thread(storage.artifact_done, prefix, record.key, extension):

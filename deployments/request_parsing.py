@@ -4,9 +4,11 @@ A create body is JSON or a form (multipart or urlencoded). A form carries string
 fields arrive flattened in bracket form (`shots[0][prompt]`, as the openai client sends them) or,
 for the structured fields, as one JSON string (`shots='[{"prompt": ...}]'`); both are accepted.
 Order of checks: body size (413, before reading past the limit) -> parse (400) -> for each media
-reference (input_reference, input_video, input_audio, elements): upload size (413), then duration
-from the container header (400; no frame or sample is decoded), or the URI allow-list (400) ->
-request validation with the core's GenerationRequest (400 naming the field).
+upload (input_reference, input_video, input_audio, elements): size (413), then its streams and
+duration from the container header (400; no frame or sample is decoded) -> request validation with
+the core's GenerationRequest under the app's ReferencePolicy (400 naming the field; reference URIs
+meet the allow-list there, the same check manifests and the CLI get).
+A voice upload (POST /v1/voices) gets the same size check (413) before the registry decodes it.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import base64
 import binascii
 import json
 import re
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from omnireel import media, storage
-from omnireel.config import GenerationRequest, request_error_message
+from omnireel import media
+from omnireel.config import GenerationRequest, ReferencePolicy, parse_request, request_error_message
 
 STRUCTURED_FIELDS = ("shots", "voices", "elements", "physics")
 JSON_TYPES = ("application/json",)
@@ -40,12 +42,16 @@ class APIError(Exception):
 
 class VideoCreateBody(BaseModel):
     """POST /v1/videos, as documented in the OpenAPI schema (JSON or form). Structured fields may
-    also be given as one JSON string; the core's GenerationRequest validates the values."""
+    also be given as one JSON string; the core's GenerationRequest validates the values. Media
+    references are a form file upload, a base64 data: URL, an allow-listed URI, or {"image_url": ...}."""
     prompt: str
     model: Optional[str] = None
     seconds: Optional[str] = None                  # "4", "0.5"
     size: Optional[str] = None                     # "WxH", e.g. "720x1280"
-    input_reference: Optional[Any] = None          # a file (form), a URL, or {"image_url": ...}
+    input_reference: Optional[Any] = None          # image-to-video: the first frame
+    input_video: Optional[Any] = None              # continue this video (its frames lead the clip)
+    input_audio: Optional[Any] = None              # audio-driven video: generated to this soundtrack
+    mode: Optional[Literal["video", "audio"]] = None   # "audio": the soundtrack alone (an M4A)
     seed: Optional[int] = None
     steps: Optional[int] = None
     fps: Optional[int] = None
@@ -53,9 +59,17 @@ class VideoCreateBody(BaseModel):
     guidance_video: Optional[float] = None
     guidance_audio: Optional[float] = None
     shots: Optional[Any] = None                    # [{"prompt", "seconds", "camera"}] or its JSON string
-    voices: Optional[Any] = None
-    elements: Optional[Any] = None
-    physics: Optional[Any] = None
+    storyboard: Optional[Literal["rules", "llm"]] = None   # without shots: who splits the prompt into shots
+    voices: Optional[Any] = None                   # [{"character", "voice_id"}] (ids from POST /v1/voices)
+    elements: Optional[Any] = None                 # reference images seen by every shot
+    physics: Optional[Any] = None                  # {"bodies": [...], "particles": [...], "gravity": [x, y]}
+
+
+class VoiceCreateBody(BaseModel):
+    """POST /v1/voices (multipart/form-data): a reference recording and a name."""
+    file: bytes = Field(json_schema_extra={"format": "binary"},
+                        description="the recording: WAV, MP3 or FLAC, at least 1 s of speech")
+    name: Optional[str] = Field(None, description="a name for the voice, 1 to 64 characters (default: the file name)")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -162,16 +176,39 @@ def decode_structured(fields: dict) -> dict:
 
 # ---- uploads and references --------------------------------------------------------------------
 
-def check_upload(data: bytes, limits, param: str = "input_reference") -> list[dict]:
-    """Size, then duration read from the container header: nothing is decoded. Returns the streams."""
+def reference_policy(limits) -> ReferencePolicy:
+    """The app's allow-list (AppArgs.allowed_schemes / allowed_buckets) as the core's ReferencePolicy:
+    what a request's reference URIs are validated with (an untrusted caller: no local paths)."""
+    buckets = limits.allowed_buckets
+    return ReferencePolicy(trusted=False, schemes=tuple(limits.allowed_schemes),
+                           buckets=tuple(buckets) if buckets is not None else None)
+
+
+def check_upload_size(data: bytes, limits, param: str) -> None:
+    """413 for an upload over AppArgs.max_upload_bytes, before anything reads it."""
     if len(data) > limits.max_upload_bytes:
         raise too_large(f"{param}: the upload", len(data), limits.max_upload_bytes, param=param)
+
+
+# the stream a media field needs (an image is a one-frame "video" stream to the demuxer)
+NEEDED_STREAM = {"input_reference": "video", "input_video": "video", "input_audio": "audio", "elements": "video"}
+
+
+def check_upload(data: bytes, limits, param: str = "input_reference") -> list[dict]:
+    """Size, then streams and duration read from the container header: nothing is decoded.
+    Returns the streams."""
+    check_upload_size(data, limits, param)
     try:
         streams = media.probe(data)                 # demuxer header only
     except Exception:
         raise APIError(400, f"{param}: not an image, video or audio file that can be read", param=param)
     if not streams:
         raise APIError(400, f"{param}: the file holds no image, video or audio stream", param=param)
+    needed = NEEDED_STREAM.get(param.split(".")[0])
+    if needed and not any(s["type"] == needed for s in streams):
+        what = {"video": "an image or video", "audio": "an audio"}[needed]
+        raise APIError(400, f"{param}: needs {what} stream; the file holds {', '.join(s['type'] for s in streams)}",
+                       param=param)
     longest = max((s["duration"] or 0.0) for s in streams)
     if longest > limits.max_upload_seconds:
         raise APIError(400, f"{param}: the upload is {longest:.2f} s long; the limit is "
@@ -184,8 +221,9 @@ MEDIA_FIELDS = ("input_reference", "input_video", "input_audio")   # one referen
 
 def check_media_fields(fields: dict, limits) -> dict:
     """Every media reference of a request (input_reference, input_video, input_audio, elements)
-    checked and turned into the string the core's request takes: an allow-listed URI, or an upload
-    (a form file or a data: URL) as a data: URI once its size and duration passed."""
+    turned into the string the core's request takes: an upload (a form file or a data: URL) as a
+    data: URI once its size, streams and duration passed; a URI as given (the core's validation
+    checks it against the allow-list, `reference_policy`)."""
     for name in MEDIA_FIELDS:
         if fields.get(name) in (None, ""):
             fields.pop(name, None)
@@ -196,19 +234,27 @@ def check_media_fields(fields: dict, limits) -> dict:
     return fields
 
 
+URL_KEYS = ("image_url", "video_url", "audio_url", "url")       # {"<key>": URI} reference objects
+_MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$", re.ASCII)
+
+
 def media_reference(value, limits, param: str) -> str:
     """A form file, an OpenAI reference object ({"image_url"} / {"file_id"}), a data: URL or a URI
-    -> a data: URI of a checked upload, or an allow-listed URI. Nothing is decoded here."""
+    -> a data: URI of a checked upload, or the URI (checked by the core's validation). Nothing is decoded here."""
     if isinstance(value, tuple):                      # a form file: (filename, content_type, bytes)
         _, content_type, data = value
         check_upload(data, limits, param)
-        return f"data:{content_type or 'application/octet-stream'};base64,{base64.b64encode(data).decode()}"
+        content_type = (content_type or "").split(";")[0].strip()
+        if not _MEDIA_TYPE.match(content_type):
+            content_type = "application/octet-stream"
+        return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
     if isinstance(value, dict):
         if value.get("file_id") is not None:
             raise APIError(400, f"{param}.file_id: file ids are not supported; upload the file or give image_url",
                            param=f"{param}.file_id")
-        value = value.get("image_url")
-        param = f"{param}.image_url"
+        key = next((k for k in URL_KEYS if k in value), "image_url")
+        value = value.get(key)
+        param = f"{param}.{key}"
     if not isinstance(value, str) or not value.strip():
         raise APIError(400, f"{param}: give a URL, a base64 data URL or a file upload", param=param)
     value = value.strip()
@@ -222,22 +268,44 @@ def media_reference(value, limits, param: str) -> str:
             raise APIError(400, f"{param}: the data URL is not valid base64", param=param)
         check_upload(data, limits, param)
         return value
-    try:
-        return storage.check_allowed(value, tuple(limits.allowed_schemes),
-                                     tuple(limits.allowed_buckets) if limits.allowed_buckets is not None else None)
-    except storage.URINotAllowed as exc:
-        raise APIError(400, f"{param}: {exc}", param=param, code="uri_not_allowed")
+    return value                                      # a URI: the allow-list is the core's (reference_policy)
 
 
 # ---- the request ---------------------------------------------------------------------------------
 
-def generation_request(fields: dict, output: str) -> GenerationRequest:
-    """The core's request from the API fields (model and input_reference already taken out)."""
+def generation_request(fields: dict, output: str, policy: ReferencePolicy) -> GenerationRequest:
+    """The core's request from the API fields (model taken out, media references checked by
+    check_media_fields), validated under the app's reference policy."""
     if "output" in fields:
         raise APIError(400, "output: not a field of this API (images: POST /v1/images/generations)", param="output")
     try:
-        return GenerationRequest.model_validate({**fields, "output": output})
+        return parse_request({**fields, "output": output}, policy)
     except ValidationError as exc:
-        first = exc.errors()[0]["loc"]
-        raise APIError(400, request_error_message(exc), param=".".join(map(str, first)) or None,
+        message = request_error_message(exc)
+        raise APIError(400, message, param=".".join(map(str, exc.errors()[0]["loc"])) or named_field(message),
                        code="invalid_value")
+
+
+def named_field(message: str) -> str | None:
+    """The (first) field a cross-field message names: "input_reference, input_video: ..." -> input_reference."""
+    head, sep, _ = message.partition(": ")
+    first = head.split(", ")[0]
+    return first if sep and re.fullmatch(r"[A-Za-z_][\w.]*", first) else None
+
+
+# ---- voices ------------------------------------------------------------------------------------
+
+def voice_upload(fields: dict, limits) -> tuple[bytes, str]:
+    """POST /v1/voices fields -> (recording bytes, name): the file is required and its size checked
+    (413) before the registry reads it; the registry checks the rest (format, duration, speech)."""
+    recording, name = fields.get("file"), fields.get("name")
+    if not isinstance(recording, tuple):
+        raise APIError(400, "file: required, a WAV, MP3 or FLAC recording sent as a multipart/form-data file",
+                       param="file")
+    data = recording[2]
+    check_upload_size(data, limits, "file")
+    if name is not None and not isinstance(name, str):
+        raise APIError(400, "name: must be a string", param="name")
+    if name is None or not name.strip():
+        name = (recording[0] or "").rsplit(".", 1)[0]     # like `omnireel voices add`: the file name
+    return data, name

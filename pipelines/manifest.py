@@ -6,7 +6,9 @@ added to the request model is a manifest column with no change here. Only `id` a
 required; a null, NaN or absent value takes the request's default. Structured fields (shots,
 voices, elements, physics, ...) are either nested Arrow values (list<struct<...>>, list<string>) or
 the same as a JSON string. A manifest is untrusted input: reference URIs pass the request model's
-allow-list (DESIGN.md §4).
+allow-list (DESIGN.md §4). A row asking for an LLM storyboard (`storyboard: llm`, no shots) gets its
+shots planned here, once (storyboard.resolve_storyboard), or is refused naming `storyboard` where
+the LLM planner cannot run.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pydantic
 from omnireel.config import GenerationRequest, request_error_message
 from omnireel.model.config import ModelConfig
 from omnireel.plan import PlanError, plan_request
+from omnireel.storyboard import StoryboardError, resolve_storyboard
 
 REQUIRED = ("id", "prompt")
 REQUEST_COLUMNS = tuple(GenerationRequest.model_fields)
@@ -67,13 +70,15 @@ def check_row(row: dict, config: ModelConfig) -> CheckedRow:
             except json.JSONDecodeError as e:
                 return CheckedRow(row_id, field=name, message=f"{name}: not valid JSON ({e.msg} at position {e.pos})")
     try:
-        request = GenerationRequest(**values)
+        request = resolve_storyboard(GenerationRequest(**values))   # an LLM storyboard: planned here, once
         plan_request(request, config)
     except pydantic.ValidationError as e:
         message = request_error_message(e)        # "<field path>: <reason>; ..."
         return CheckedRow(row_id, field=message.split(":", 1)[0], message=message)
     except PlanError as e:
         return CheckedRow(row_id, field=e.field, message=str(e))
+    except StoryboardError as e:                  # its message names the field
+        return CheckedRow(row_id, field=str(e).split(":", 1)[0], message=str(e))
     return CheckedRow(row_id, request=request)
 
 

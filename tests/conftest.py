@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny checkpoint and one LocalEngine per test session, fixed thread count."""
+"""Shared fixtures: one tiny checkpoint, one LocalEngine, one Ray and one running Serve app per test
+session, fixed thread count."""
 from __future__ import annotations
 
 import os
@@ -29,9 +30,19 @@ def tiny_engine(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray, started once for the whole test session (4 logical CPUs, no dashboard)."""
+    """Ray, started once for the whole test session (no dashboard). 6 logical CPUs: the shared Serve
+    app holds 2.2 of them while it runs, and a batch run (3 one-CPU pools) must fit beside it."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(num_cpus=6, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(ray_session, tiny_checkpoint, tmp_path_factory):
+    """The Serve app on the tiny checkpoint (tests/serve_support.py), started once (~25 s) and shared
+    by every serve test module; its voice registry is a folder of its own (`served.voices`)."""
+    from serve_support import running_app
+    with running_app(ray_session, tiny_checkpoint, tmp_path_factory.mktemp("serve")) as app:
+        yield app

@@ -1,6 +1,7 @@
-"""The Serve app end to end on the tiny preset: one app for the module, started with `omnireel serve`
-(the repo's Serve config YAML with test overrides: two ingress replicas, small queues, a TP=2
-Backbone whose two ranks live in the replica's own placement group) inside the session's Ray.
+"""The Serve app end to end on the tiny preset: the session's one app (conftest.py `served`, started
+with `omnireel serve` from the repo's Serve config YAML with test overrides: two ingress replicas,
+small queues, a TP=2 Backbone whose two ranks live in the replica's own placement group; see
+serve_support.py), inside the session's Ray.
 
 The official openai client works unchanged; the served video equals LocalEngine's; bad input gets
 4xx with a message; uploads and reference URIs are refused before decoding; progress moves and a
@@ -12,13 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
-import math
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,102 +25,12 @@ import pytest
 import yaml
 
 from omnireel import media
-from omnireel.config import GenerationRequest, normalized
-from omnireel.deployments.app import APP_NAME, DEPLOYMENTS, configure, load_serve_config
+from omnireel.config import GenerationRequest
+from omnireel.deployments.app import APP_NAME
+
+from serve_support import DONE, LONG, create, free_port, kill, psnr, serve_actor, served_latents, wait_done
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # the client marks the Videos API deprecated
-
-KEY = "sk-test-omnireel"
-TINY = {"size": "32x32", "seconds": "0.5", "fps": 8, "steps": 2}   # 4 frames, 2 denoising steps
-LONG = {"size": "64x64", "seconds": "1", "fps": 8, "steps": 60}     # long enough to watch and to kill
-ARGS = dict(api_keys=[KEY], tp=2, threads=2, replica_cpus=0.25, cpus_per_rank=0.25, control_cpus=0.05,
-            max_body_bytes=256 << 10, max_upload_bytes=64 << 10, max_upload_seconds=1.0,
-            allowed_buckets=["omnireel-inputs"], max_active_jobs=3, runner_max_ongoing=2, runner_max_queued=1,
-            lease_s=10.0, retry_after_s=2)
-DONE = ("completed", "failed")
-
-
-@dataclass
-class Served:
-    url: str
-    storage: Path
-
-    def http(self, key: str | None = KEY) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {},
-                            timeout=120)
-
-    def openai(self, max_retries: int = 2) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=max_retries, timeout=120)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(ray_session, tiny_checkpoint, tmp_path_factory):
-    from ray import serve
-
-    root = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    deployments = {d.name: {"num_replicas": 1, "autoscaling_config": None, "health_check_period_s": 1}
-                   for d in DEPLOYMENTS}
-    deployments["Ingress"]["num_replicas"] = 2
-    config = configure(load_serve_config(), args={**ARGS, "checkpoint": str(tiny_checkpoint),
-                                                  "storage_uri": str(root / "store")},
-                       deployments=deployments, host="127.0.0.1", port=port)
-    (root / "serve.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "omnireel.cli", "serve", "--config", str(root / "serve.yaml"),
-                               "--address", ray_session.get_runtime_context().gcs_address, "--non-blocking"],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        assert f"http://127.0.0.1:{port}/v1" in proc.stdout
-        yield Served(f"http://127.0.0.1:{port}", root / "store")
-    finally:                # the session's Ray goes on to other modules: leave no app behind
-        serve.shutdown()
-
-
-def create(http: httpx.Client, **fields) -> dict:
-    response = http.post("/v1/videos", json={"prompt": "a paper boat in the rain", **TINY, **fields})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_done(http: httpx.Client, video_id: str, timeout_s: float = 240.0, until=lambda v: v["status"] in DONE):
-    """Polls the video until `until(video)`; 503 (the store restarting) is waited out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        response = http.get(f"/v1/videos/{video_id}")
-        if response.status_code != 503:
-            assert response.status_code == 200, response.text
-            if until(response.json()):
-                return response.json()
-        time.sleep(0.1)
-    raise AssertionError(f"video {video_id} not done within {timeout_s:g}s: {response.text}")
-
-
-def serve_actor(deployment: str) -> str:
-    import ray
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{deployment}#")]
-    assert names, f"no {deployment} replica"
-    return names[0]
-
-
-def kill(deployment: str) -> str:
-    import ray
-    name = serve_actor(deployment)
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    return name
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
-
 
 # ---- the API -------------------------------------------------------------------------------------
 
@@ -181,8 +88,6 @@ def test_json_form_and_json_string_bodies_make_the_same_request(served):
 
 def test_served_video_equals_local_engines(served, tiny_engine):
     """Served (TP=2 Backbone, separate replicas) vs LocalEngine (one process, TP=1), same seed."""
-    from ray import serve
-
     fields = {"prompt": "a paper boat in the rain", "size": "32x32", "seconds": 0.5, "fps": 8, "steps": 3, "seed": 7}
     request = GenerationRequest(**fields)
     local = tiny_engine.render(request)
@@ -193,8 +98,7 @@ def test_served_video_equals_local_engines(served, tiny_engine):
     served_frames, local_frames = media.decode_video(mp4), media.decode_video(local.artifact.data)
     assert served_frames.shape == local_frames.shape == (4, 32, 32, 3)
     assert psnr(served_frames, local_frames) >= 40.0
-    runner = serve.get_deployment_handle("JobRunner", APP_NAME)
-    latents = runner.latents.remote(normalized(request)).result(timeout_s=120)
+    latents = served_latents(request)
     assert (latents.video - local.latents.video).abs().max().item() <= 1e-4
     assert (latents.audio - local.latents.audio).abs().max().item() <= 1e-4
     assert local.latents.video.abs().max() > 0.1

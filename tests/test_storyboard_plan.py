@@ -99,3 +99,105 @@ def test_a_seventh_shot_is_rejected_everywhere(capsys):
         cli_main(["render", "p", "--shots", json.dumps(seven)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err == f"omnireel: error: shots: at most {MAX_SHOTS} shots (got {MAX_SHOTS + 1})"
+
+
+# ---- the request's `storyboard` field ----------------------------------------------------------
+
+STORY = "a fox wakes up in its den. then it runs across the snow; it stops at the river"
+
+
+def test_a_single_prompt_is_planned_by_the_rules_storyboard_by_default():
+    request = GenerationRequest(prompt=STORY, seconds=1.5, size="32x32", fps=8)
+    assert request.storyboard == "rules"
+    plan = plan_request(request, CONFIG)
+    assert [s.caption for s in plan.shots] == ["a fox wakes up in its den", "it runs across the snow",
+                                               "it stops at the river"]
+    assert plan.captions == (STORY, *(s.caption for s in plan.shots))
+    covered = list(itertools.chain.from_iterable(range(s.frame_start, s.frame_end) for s in plan.shots))
+    assert covered == list(range(plan.num_frames))
+    # as many shots as fit: 1 s at 8 fps has room for two (4 frames each), 0.5 s for one
+    assert len(plan_request(request.model_copy(update={"seconds": 1.0}), CONFIG).shots) == 2
+    one = plan_request(GenerationRequest(prompt=STORY, seconds=0.5, fps=8), CONFIG)
+    assert len(one.shots) == 1 and one.captions == (STORY,)
+    # no cut cue: one shot, the prompt its only caption (what every request without cues always got)
+    plain = plan_request(GenerationRequest(prompt="a fox in the snow", seconds=2, fps=24), CONFIG)
+    assert len(plain.shots) == 1 and plain.captions == ("a fox in the snow",)
+
+
+def test_explicit_shots_images_and_audio_alone_are_not_storyboarded():
+    given = plan_request(GenerationRequest(prompt=STORY, fps=8, shots=storyboard([1, 1])), CONFIG)
+    assert [s.caption for s in given.shots] == ["shot 0", "shot 1"]
+    image = plan_request(GenerationRequest(prompt=STORY, output="image"), CONFIG)
+    audio = plan_request(GenerationRequest(prompt=STORY, seconds=1.5, fps=8, mode="audio"), CONFIG)
+    assert len(image.shots) == len(audio.shots) == 1 and image.captions == audio.captions == (STORY,)
+
+
+def test_the_storyboard_field_is_checked_and_keyed():
+    from omnireel.config import normalized, request_key
+    with pytest.raises(ValidationError) as caught:
+        GenerationRequest(prompt="p", storyboard="gpt")
+    assert request_error_message(caught.value) == "storyboard: Input should be 'rules' or 'llm' (got 'gpt')"
+    for fields, what in (({"output": "image"}, "output 'image'"), ({"mode": "audio"}, "mode 'audio'")):
+        with pytest.raises(ValidationError) as caught:
+            GenerationRequest(prompt="p", storyboard="llm", **fields)
+        assert request_error_message(caught.value).startswith(f"storyboard: 'llm' plans shots, which {what}")
+    rules, default = GenerationRequest(prompt="p", storyboard="rules"), GenerationRequest(prompt="p")
+    assert "storyboard" not in normalized(rules)             # the default keeps every existing key
+    assert request_key(rules, "0" * 64) == request_key(default, "0" * 64)
+    llm = GenerationRequest(prompt="p", storyboard="llm", shots=storyboard([2]))
+    assert normalized(llm)["storyboard"] == "llm"
+
+
+class ShotsFromRules:
+    """A planner with the LLMShotPlanner's interface that needs no vLLM: resolve_storyboard's contract."""
+
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, prompt, seconds, max_shots=MAX_SHOTS, *, fps, seed=0):
+        from omnireel.storyboard import plan_shots_rules
+        self.calls.append((prompt, seconds, fps, seed))
+        return plan_shots_rules(prompt, seconds, max_shots, fps=fps)
+
+
+def test_an_llm_storyboard_is_planned_once_into_explicit_shots():
+    from omnireel.config import normalized
+    from omnireel.storyboard import resolve_storyboard
+    planner = ShotsFromRules()
+    request = GenerationRequest(prompt=STORY, seconds=1.5, fps=8, seed=7, storyboard="llm")
+    resolved = resolve_storyboard(request, planner)
+    assert planner.calls == [(STORY, 1.5, 8, 7)]
+    assert [s.prompt for s in resolved.shots] == ["a fox wakes up in its den", "it runs across the snow",
+                                                  "it stops at the river"]
+    assert normalized(resolved)["storyboard"] == "llm" and len(normalized(resolved)["shots"]) == 3
+    again = GenerationRequest.model_validate(normalized(resolved))        # what a stage replica or pool sees
+    assert resolve_storyboard(again, planner) == again and len(planner.calls) == 1
+    assert [s.caption for s in plan_request(again, CONFIG).shots] == [s.prompt for s in resolved.shots]
+    rules = GenerationRequest(prompt=STORY, seconds=1.5, fps=8)
+    assert resolve_storyboard(rules, planner) is rules and len(planner.calls) == 1
+
+
+def test_an_llm_storyboard_where_it_cannot_run_is_one_line_naming_the_field(tiny_checkpoint, capsys):
+    from omnireel.model.text import vllm_installed
+    from omnireel.pipelines.manifest import check_columns, check_row
+    from omnireel.plan import PlanError
+    from omnireel.storyboard import StoryboardError, resolve_storyboard
+    if vllm_installed():
+        pytest.skip("vLLM is installed here; tests/vllm_suite covers the LLM planner")
+    request = GenerationRequest(prompt=STORY, seconds=1.5, fps=8, storyboard="llm")
+    expected = "storyboard: 'llm' is not available here: the LLM storyboard planner needs vLLM"
+    with pytest.raises(StoryboardError) as caught:
+        resolve_storyboard(request)
+    assert str(caught.value).startswith(expected) and str(caught.value).endswith("use 'rules' or give shots")
+    with pytest.raises(PlanError) as planned:                  # a driver that forgot to resolve it
+        plan_request(request, CONFIG)
+    assert planned.value.field == "storyboard" and str(planned.value).startswith(expected)
+    with pytest.raises(SystemExit) as exit_info:               # the CLI
+        cli_main(["render", STORY, "--storyboard", "llm", "--checkpoint", str(tiny_checkpoint)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith(f"omnireel: error: {expected}") and "\n" not in err
+    check_columns(["id", "prompt", "storyboard"])              # batch: a manifest column; the row is refused
+    row = check_row({"id": "a", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": "llm"}, CONFIG)
+    assert row.request is None and row.field == "storyboard" and row.message.startswith(expected)
+    row = check_row({"id": "b", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": "rules"}, CONFIG)
+    assert row.request is not None and len(plan_request(row.request, CONFIG).shots) == 3

@@ -3,12 +3,8 @@ registry keeps voices durably, refuses unusable recordings with a reason, and a 
 the backbone through the encode_voice stage every driver runs."""
 from __future__ import annotations
 
-import io
 import itertools
-import subprocess
-from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -20,6 +16,8 @@ from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, run_stage
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
+from voice_support import silent_wav, speak, transcode
+
 VOICES = ("m3", "f4", "klatt")          # espeak-ng variants: the speakers
 LANGUAGES = ("en", "es", "cmn")         # English, Spanish, Mandarin
 SENTENCES = {
@@ -30,26 +28,6 @@ SENTENCES = {
     "cmn": ("今天天气很好，我们一起去公园散步吧。", "请你明天早上八点到火车站来接我。"),
 }
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
-
-
-def speak(text: str, voice: str, tmp_path) -> bytes:
-    """espeak-ng -> WAV bytes (22050 Hz mono)."""
-    path = tmp_path / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
-    return path.read_bytes()
-
-
-def transcode(wav: bytes, codec: str, container: str) -> bytes:
-    """WAV bytes -> the same sound as MP3 or FLAC bytes (PyAV)."""
-    wave, rate = media.decode_audio(wav)
-    out = io.BytesIO()
-    with av.open(out, "w", format=container) as f:
-        stream = f.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
-        f.mux(stream.encode(frame))
-        f.mux(stream.encode(None))
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +69,6 @@ def test_recordings_as_wav_mp3_and_flac_give_the_same_voice(registry, recordings
     by_format["wav"] = torch.tensor(added[("en", "f4", 1)].embedding)
     assert float(by_format["wav"] @ by_format["flac"]) > 0.999          # lossless
     assert float(by_format["wav"] @ by_format["mp3"]) > 0.98
-
-
-def silent_wav(seconds: float, rate: int = 16000) -> bytes:
-    return media.encode_wav(np.zeros(int(seconds * rate), np.float32), rate)
 
 
 @pytest.mark.parametrize("make,reason", [

@@ -42,8 +42,6 @@ def voice_bindings(values: list[str]) -> list[dict]:
 
 
 def render_command(args) -> None:
-    import os
-
     import pydantic
 
     from .config import TRUSTED, parse_request, request_error_message
@@ -51,7 +49,7 @@ def render_command(args) -> None:
                   steps=args.steps, language=args.language, output="image" if args.image else "video",
                   mode="audio" if args.audio_only else None, input_reference=args.reference,
                   input_video=args.input_video, input_audio=args.input_audio, elements=args.element,
-                  voices=voice_bindings(args.voice) if args.voice else None)
+                  voices=voice_bindings(args.voice) if args.voice else None, storyboard=args.storyboard)
     if args.shots:
         fields["shots"] = json_option("--shots", args.shots)
     if args.physics:
@@ -61,11 +59,14 @@ def render_command(args) -> None:
         request = parse_request(fields, TRUSTED)      # the CLI may name local files
     except pydantic.ValidationError as e:
         fail(request_error_message(e))
-    from .voices import VoiceNotFound, VoiceRegistry
-    if args.voice_store:
-        os.environ["OMNIREEL_VOICES"] = args.voice_store   # where the encode_voice stage reads voices
+    from .storyboard import StoryboardError, resolve_storyboard
     try:
-        VoiceRegistry().check_bindings(request.voices)
+        request = resolve_storyboard(request)         # --storyboard llm: the LLM plans the shots, once
+    except StoryboardError as e:
+        fail(str(e))
+    from .voices import VoiceNotFound, VoiceRegistry
+    try:
+        VoiceRegistry(args.voice_store).check_bindings(request.voices)
     except VoiceNotFound as e:
         fail(str(e))
 
@@ -79,7 +80,7 @@ def render_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = LocalEngine(args.checkpoint)
+        engine = LocalEngine(args.checkpoint, voices=args.voice_store)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--checkpoint: {e}", code=1)
     try:
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     r.add_argument("--language", help="speech language: en, zh, ja, ko or es")
     r.add_argument("--shots", help='storyboard as JSON: [{"prompt": ..., "seconds": ..., "camera": ...}, ...]')
+    r.add_argument("--storyboard", choices=("rules", "llm"),
+                   help="without --shots, who splits the prompt into shots: rules (default: at sentence ends, "
+                        "';' and 'then') or llm (an LLM on vLLM; model folder in $OMNIREEL_STORYBOARD_MODEL)")
     r.add_argument("--image", action="store_true", help="render one frame to a PNG")
     r.add_argument("--audio-only", action="store_true", help="generate audio alone to an M4A (mode 'audio')")
     r.add_argument("--voice", action="append", metavar="CHARACTER=VOICE_ID",
@@ -247,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch CPU threads in every actor")
     b.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for the run's totals")
     b.add_argument("--save-latents", action="store_true", help="also write each row's latents (safetensors)")
+    b.add_argument("--voice-store", help="voice registry URI (default $OMNIREEL_VOICES or ~/.cache/omnireel/voices)")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=batch_command)
 

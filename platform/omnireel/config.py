@@ -62,6 +62,8 @@ MAX_UPLOAD_BYTES = 20 * 2**20
 """Largest inline upload (a data: URI's decoded bytes) and largest fetched reference, in bytes."""
 MAX_INPUT_SECONDS = MAX_SECONDS
 """Longest input video or input audio, in seconds (checked from the container before decoding)."""
+STORYBOARDS = ("rules", "llm")
+"""Storyboard planners a request may choose (storyboard.py): the rule-based default, or an LLM on vLLM."""
 MAX_BODIES = 16
 """Most rigid bodies in a physics scene."""
 MAX_EMITTERS = 4
@@ -343,6 +345,9 @@ class GenerationRequest(BaseModel):
     language: Language = "en"
     shots: Annotated[list[Shot], AfterValidator(_check_shot_count)] = Field(default_factory=list)
     output: Literal["video", "image"] = "video"
+    # which planner turns a single prompt into shots when `shots` is not given (storyboard.py):
+    # "rules" (cuts at sentence ends, ";" and "then"), or "llm" (an LLM on vLLM, planned once at admission)
+    storyboard: Literal[STORYBOARDS] = "rules"
     # ---- the Omni features (optional; their defaults are plain text-to-video+audio) ----
     mode: Literal["video", "audio"] = "video"   # "audio": text (or video) to audio alone, an M4A
     voices: Annotated[list[VoiceBinding], AfterValidator(_check_unique_characters)] = Field(
@@ -382,6 +387,9 @@ class GenerationRequest(BaseModel):
             if name in self.model_fields_set and getattr(self, name) not in (None, [], "video"):
                 what = "output 'image' (one frame, no audio)" if kind == "image" else "mode 'audio' (no video)"
                 raise ValueError(f"{name}: not available with {what}")
+        if kind is not None and self.storyboard == "llm":
+            what = "output 'image' (one frame)" if kind == "image" else "mode 'audio' (no video)"
+            raise ValueError(f"storyboard: 'llm' plans shots, which {what} does not have")
         if self.input_reference is not None and self.input_video is not None:
             raise ValueError("input_reference, input_video: give at most one (both fill the leading frames)")
         if self.physics is not None:
@@ -454,7 +462,7 @@ def _nested_model(annotation) -> Optional[type[BaseModel]]:
     return None
 
 
-OPTIONAL_FIELDS = ("mode", "voices", "elements", "input_reference", "input_video", "input_audio", "physics")
+OPTIONAL_FIELDS = ("storyboard", "mode", "voices", "elements", "input_reference", "input_video", "input_audio", "physics")
 """Fields added after the first release: left out of the canonical form while at their defaults, so
 artifact keys of requests that do not use them never change."""
 

@@ -3,7 +3,9 @@
 Frame arithmetic (DESIGN.md §3 "Codecs"): a request for round(seconds * fps) frames gets
 1 + 4n latent frames (n rounded up) and decoded frames are trimmed back. Latent k covers frames
 4k-3..4k (latent 0: frame 0), so a cut placed at latent k starts at frame 4k-3 and never splits a
-latent. Audio is trimmed to the same duration.
+latent. Audio is trimmed to the same duration. A video request without explicit shots gets them
+from its storyboard planner (`storyboard`: the rule-based one runs here; an LLM storyboard was
+planned into explicit shots when the request was accepted).
 
 The Omni features ride along as plain data (so the plan stays small and JSON-able): bound voices as
 (character, voice_id) pairs, references as the request's validated URIs, the physics scene as
@@ -17,9 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import GenerationRequest, canonical_json
+from .config import GenerationRequest, Shot, canonical_json
 from .model.config import LANGUAGES, ModelConfig
 from .model.layout import LayoutSpec
+from .storyboard import StoryboardError, llm_unavailable, plan_shots_rules, plans_shots
 
 
 class PlanError(ValueError):
@@ -114,6 +117,24 @@ def shot_latent_starts(shot_seconds: list[float], fps: int, latent_frames: int) 
     return starts
 
 
+def storyboard_shots(request: GenerationRequest) -> list[Shot]:
+    """The request's shots: its own, else its storyboard planner's (see storyboard.py). The rules
+    planner runs here; an LLM storyboard must have been planned at admission
+    (storyboard.resolve_storyboard), so a request still asking for one is refused, naming the field."""
+    if not plans_shots(request):
+        return list(request.shots)
+    if request.storyboard == "llm":
+        reason = llm_unavailable()
+        raise PlanError("storyboard", reason.split(": ", 1)[1] if reason else
+                        "'llm' storyboards are planned once, when the request is accepted "
+                        "(storyboard.resolve_storyboard), before the request is planned")
+    try:
+        shots = plan_shots_rules(request.prompt, request.seconds, fps=request.fps)
+    except StoryboardError as e:
+        raise PlanError("storyboard", str(e)) from None
+    return shots if len(shots) > 1 else []     # one shot: the request's prompt is its only caption
+
+
 def plan_request(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
     vae, audio = config.vae, config.audio
     image = request.output == "image"
@@ -127,7 +148,7 @@ def plan_request(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
     audio_samples = 0 if image else round(num_frames / request.fps * audio.sample_rate)
     audio_frames = math.ceil(audio_samples / (audio.hop_length * audio.time_factor))
 
-    shots = request.shots or []
+    shots = storyboard_shots(request)
     shot_seconds = [s.seconds for s in shots] or [request.seconds]
     starts = [0] if image else shot_latent_starts(shot_seconds, request.fps, latent_frames)
     ends = starts[1:] + [latent_frames]

