@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from .config import MAX_CAMERA_CHARS, MAX_PROMPT_CHARS, MAX_SECONDS, GenerationRequest, Shot, request_error_message
 from .model.config import MAX_SHOTS
+from .model.text import vllm_installed
 
 FRAMES_PER_LATENT = 4
 """Video frames per latent frame (the video VAE's time factor)."""
@@ -119,10 +120,6 @@ def plan_shots_rules(prompt: str, seconds: float, max_shots: int = MAX_SHOTS, *,
                            for piece, share in zip(pieces, shares)])
 
 
-def _vllm_installed() -> bool:
-    from .model.text import vllm_installed   # here: model.text imports transformers, plan.py imports this module
-    return vllm_installed()
-
 
 # ---- LLM on vLLM -----------------------------------------------------------------------------
 
@@ -202,7 +199,7 @@ class LLMShotPlanner:
 
     def __init__(self, model: str | Path, *, prompt_chars: int = 200, camera_chars: int = 80,
                  max_tokens: int = 1024, temperature: float = 0.0, **engine_args):
-        if not _vllm_installed():
+        if not vllm_installed():
             raise StoryboardError(VLLM_MISSING)
         import vllm
 
@@ -254,7 +251,7 @@ def plans_shots(request: GenerationRequest) -> bool:
 
 def llm_unavailable() -> str | None:
     """Why the LLM storyboard planner cannot run in this process (one line naming the field), or None."""
-    if not _vllm_installed():
+    if not vllm_installed():
         return f"storyboard: 'llm' is not available here: {VLLM_MISSING}; use 'rules' or give shots"
     model = os.environ.get(STORYBOARD_MODEL_ENV, "").strip()
     if not model:

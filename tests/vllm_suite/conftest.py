@@ -22,23 +22,40 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(tiny_checkpoint, tmp_path_factory):
-    """LocalEngine on the tiny checkpoint with `text.backend = "vllm"` written into its config.json.
-
-    One vLLM engine for the encoder and render tests: each start costs tens of seconds on 2 cores.
-    """
+def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint (same weights) with `text.backend = "vllm"` written into its config.json."""
     import dataclasses
 
     from omnireel.checkpoint import load_checkpoint, save_checkpoint
-    from omnireel.engine import LocalEngine
 
     model = load_checkpoint(tiny_checkpoint)
     config = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, backend="vllm"))
     directory = tmp_path_factory.mktemp("ckpt") / "tiny-vllm"
     save_checkpoint(model, config, directory)
-    engine = LocalEngine(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_checkpoint):
+    """LocalEngine on the tiny checkpoint with `text.backend = "vllm"`.
+
+    One vLLM engine for the encoder and render tests: each start costs tens of seconds on 2 cores.
+    Its teardown checks that close() leaves none of the engine's processes behind.
+    """
+    import psutil
+
+    from omnireel.engine import LocalEngine
+    from vllm_support import engine_processes, ray_host, title
+
+    before = {p.pid for p in engine_processes()}
+    engine = LocalEngine(vllm_checkpoint)
+    started = [p for p in engine_processes() if p.pid not in before and ray_host(p) is None]   # this process's own
+    assert {title(p) for p in started} >= {"VLLM::EngineCore", "VLLM::Worker"}, started
     yield engine
     engine.components["text_encoder"].close()
+    gone, alive = psutil.wait_procs(started, timeout=10)   # close() waits for them; 10 s is slack
+    assert not alive, f"close() left vLLM processes running: {alive}"
+    engine.components["text_encoder"].close()               # a second close (a replica's teardown) is a no-op
 
 
 @pytest.fixture(scope="session")
