@@ -11,7 +11,8 @@ critical path, the client's polling), printed as "overhead" (HTTP minus LocalEng
 
 Starts a local Ray and the app from deployments/serve_config.yaml (one replica per deployment, the
 same torch thread count as the LocalEngine run), on a free port. One HTTP job = POST /v1/videos,
-GET /v1/videos/{id} every 20 ms until completed, GET .../content; every job has its own seed, so no
+GET /v1/videos/{id}?wait_s=60 (a long poll: answered when the job ends; --poll-s S polls instead)
+until completed, GET .../content; every job has its own seed, so no
 artifact is reused. On a 2-core machine the concurrency figures show contention, not scaling.
 """
 from __future__ import annotations
@@ -31,7 +32,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-POLL_S = 0.02
 
 
 def free_port() -> int:
@@ -40,14 +40,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_job(url: str, body: dict) -> float:
-    """Seconds from POST to the downloaded MP4."""
+def http_job(url: str, body: dict, poll_s: float = 0.0) -> float:
+    """Seconds from POST to the downloaded MP4; the job is polled every `poll_s` seconds, or with
+    one long poll (GET ...?wait_s=60, answered when the job ends) when it is 0."""
     start = time.perf_counter()
     with httpx.Client(base_url=url, timeout=600) as http:
         video = http.post("/v1/videos", json=body).raise_for_status().json()
         while video["status"] not in ("completed", "failed"):
-            time.sleep(POLL_S)
-            video = http.get(f"/v1/videos/{video['id']}").raise_for_status().json()
+            if poll_s:
+                time.sleep(poll_s)
+            video = http.get(f"/v1/videos/{video['id']}", params={"wait_s": 0 if poll_s else 60}
+                             ).raise_for_status().json()
         if video["status"] != "completed":
             raise RuntimeError(f"job failed: {video['error']}")
         http.get(f"/v1/videos/{video['id']}/content").raise_for_status()
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="checkpoint folder (default: a fresh tiny one)")
     parser.add_argument("--repeats", type=int, default=5, help="jobs per latency measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, LocalEngine and every replica")
+    parser.add_argument("--poll-s", type=float, default=0.0,
+                        help="poll the job every this many seconds instead of one long poll (wait_s)")
     options = parser.parse_args()
 
     import ray
@@ -97,14 +102,14 @@ def main() -> None:
     seed = iter(range(1000, 10**6))
     latency = {}
     for name, request in requests.items():
-        http_job(url, {**request, "seed": next(seed)})                          # warm-up
+        http_job(url, {**request, "seed": next(seed)}, options.poll_s)                          # warm-up
         engine.render(GenerationRequest(**request, seed=next(seed)))
         local, served, stages = [], [], []
         for _ in range(options.repeats):    # interleaved, so both see the same machine load
             start = time.perf_counter()
             stages.append(engine.render(GenerationRequest(**request, seed=next(seed))).timings)
             local.append(time.perf_counter() - start)
-            served.append(http_job(url, {**request, "seed": next(seed)}))
+            served.append(http_job(url, {**request, "seed": next(seed)}, options.poll_s))
         latency[name] = (GenerationRequest(**request), statistics.median(local), statistics.median(served),
                          {stage: statistics.median(t[stage] for t in stages) for stage in stages[0]})
 
@@ -114,11 +119,12 @@ def main() -> None:
         bodies = [{**requests["smallest"], "seed": next(seed)} for _ in range(jobs)]
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(lambda body: http_job(url, body), bodies))
+            list(pool.map(lambda body: http_job(url, body, options.poll_s), bodies))
         rates[concurrency] = jobs / (time.perf_counter() - start) * 60
 
+    polling = f"polling every {options.poll_s:g} s" if options.poll_s else "long poll"
     print(f"preset {engine.config.name}, torch threads {options.threads}, {os.cpu_count()} CPU cores, app startup "
-          f"{startup:.0f} s; median of {options.repeats} jobs, LocalEngine and HTTP runs interleaved")
+          f"{startup:.0f} s; median of {options.repeats} jobs, LocalEngine and HTTP runs interleaved, {polling}")
     for name, (request, local_s, served_s, stages) in latency.items():
         target = " (target <= 1.10)" if name == "default" else ""
         print(f"latency at concurrency 1, {name} request ({request.size}, {request.seconds:g} s at {request.fps} fps, "

@@ -59,6 +59,7 @@ from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, check_
                               parse_body, read_body, reference_policy, voice_upload)
 
 STORE_TIMEOUT_S = 30.0          # how long a request waits for the job store (e.g. while it restarts)
+MAX_WAIT_S = 60.0               # longest long poll of GET /v1/videos/{id}?wait_s=
 
 
 # ---- response shapes (documented in /openapi.json) ----------------------------------------------
@@ -249,9 +250,15 @@ class Ingress:
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
     @app.get("/v1/videos/{video_id}", response_model=Video)
-    async def retrieve_video(self, request: Request, video_id: str) -> dict:
+    async def retrieve_video(self, request: Request, video_id: str,
+                             wait_s: float = Query(0, ge=0, le=MAX_WAIT_S, description=(
+                                 "long poll (an OmniReel extension): answer as soon as the job has ended, "
+                                 "or after this many seconds with its state then"))) -> dict:
         self._authorize(request)
-        return (await self._video(video_id)).video()
+        record = await self._video(video_id)
+        if wait_s and record.active:
+            record = await self._ask_store("wait", video_id, wait_s, timeout_s=wait_s + STORE_TIMEOUT_S) or record
+        return record.video()
 
     @app.get("/v1/videos/{video_id}/content", response_class=Response,
              responses={200: {"content": {"video/mp4": {}, "image/png": {}}}})

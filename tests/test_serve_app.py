@@ -210,6 +210,16 @@ def test_progress_moves_while_denoising_and_a_cancel_ends_failed_cancelled(serve
         assert http.get(f"/v1/videos/{video['id']}/content").status_code == 400
 
 
+def test_a_long_poll_answers_as_soon_as_the_job_ends(served):
+    with served.http() as http:
+        video = create(http, seed=12)
+        done = http.get(f"/v1/videos/{video['id']}", params={"wait_s": 60})
+        assert done.status_code == 200 and done.json()["status"] == "completed", done.text
+        assert done.json()["progress"] == 100
+        too_long = http.get(f"/v1/videos/{video['id']}", params={"wait_s": 61})
+        assert too_long.status_code == 400 and "wait_s" in too_long.text, too_long.text
+
+
 def test_omnireel_metrics_reach_rays_prometheus_endpoint(served):
     import ray
 
