@@ -23,6 +23,20 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint (same weights) with `text.backend = "vllm"` written into its config.json."""
+    import dataclasses
+
+    from omnireel.checkpoint import load_checkpoint, save_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint)
+    config = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, backend="vllm"))
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-vllm"
+    save_checkpoint(model, config, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
     from omnireel.engine import LocalEngine
     return LocalEngine(tiny_checkpoint)

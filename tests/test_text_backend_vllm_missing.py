@@ -4,13 +4,11 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from omnireel.checkpoint import load_checkpoint, save_checkpoint
 from omnireel.model.config import TextEncoderConfig
 from omnireel.model.text import (TEXT_BACKEND_ENV, VLLM_MISSING, BackendUnavailableError, HFTextEncoder,
                                  build_text_encoder, vllm_installed)
@@ -18,16 +16,6 @@ from omnireel.storyboard import LLMShotPlanner, StoryboardError
 
 if vllm_installed():
     pytest.skip("vLLM is installed here; tests/vllm_suite covers the backend", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint with `text.backend = "vllm"` in its config.json."""
-    model = load_checkpoint(tiny_checkpoint)
-    config = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, backend="vllm"))
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny-vllm"
-    save_checkpoint(model, config, directory)
-    return directory
 
 
 def test_config_backend_vllm_without_vllm_is_one_line():

@@ -22,20 +22,6 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint (same weights) with `text.backend = "vllm"` written into its config.json."""
-    import dataclasses
-
-    from omnireel.checkpoint import load_checkpoint, save_checkpoint
-
-    model = load_checkpoint(tiny_checkpoint)
-    config = dataclasses.replace(model.config, text=dataclasses.replace(model.config.text, backend="vllm"))
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny-vllm"
-    save_checkpoint(model, config, directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
 def vllm_engine(vllm_checkpoint):
     """LocalEngine on the tiny checkpoint with `text.backend = "vllm"`.
 
