@@ -10,8 +10,9 @@ import pytest
 from omnireel.config import GenerationRequest, Shot
 from omnireel.model.config import MAX_SHOTS, preset
 from omnireel.model.text import resolve_text_model
-from omnireel.plan import plan_request
-from omnireel.storyboard import LLMShotPlanner, StoryboardError, min_shot_seconds, storyboard_max_bytes
+from omnireel.plan import PlanError, plan_request
+from omnireel.storyboard import (LLMShotPlanner, StoryboardError, min_shot_seconds, resolve_storyboard,
+                                 storyboard_max_bytes)
 
 PROMPT_CHARS, CAMERA_CHARS = 40, 20
 MAX_TOKENS = storyboard_max_bytes(MAX_SHOTS, PROMPT_CHARS, CAMERA_CHARS)   # the JSON always finishes
@@ -47,8 +48,7 @@ def assert_plannable(prompt: str, seconds: float, fps: int, shots: list[Shot], m
     assert all(shot.camera is None or len(shot.camera) <= CAMERA_CHARS for shot in shots)
     assert abs(sum(shot.seconds for shot in shots) - seconds) <= 1e-9
     assert min(shot.seconds for shot in shots) >= min_shot_seconds(fps) - 1e-9
-    request = GenerationRequest(prompt=prompt, seconds=seconds, fps=fps, size="64x64",
-                                shots=shots if len(shots) > 1 else [])
+    request = GenerationRequest(prompt=prompt, seconds=seconds, fps=fps, size="64x64", shots=shots)
     plan = plan_request(request, preset("tiny"))
     assert len(plan.shots) == len(shots)
     assert all(shot.latent_end > shot.latent_start for shot in plan.shots)
@@ -74,3 +74,15 @@ def test_max_shots_bounds_the_storyboard(planner):
 def test_output_cut_at_max_tokens_is_a_one_line_error(planner):
     with pytest.raises(StoryboardError, match=r"^storyboard: the LLM's JSON was cut at max_tokens=8$"):
         planner.plan("a storm rolls over the harbour", 4.0, fps=24, max_tokens=8)
+
+
+def test_a_request_asking_for_an_llm_storyboard_is_planned_into_explicit_shots(planner):
+    request = GenerationRequest(prompt="a kite climbs over the dunes then falls into the sea", storyboard="llm",
+                                seconds=4.0, fps=24, size="64x64", seed=3)
+    resolved = resolve_storyboard(request, planner)
+    assert resolved.shots and resolved.storyboard == "llm"
+    assert_plannable(request.prompt, 4.0, 24, resolved.shots, MAX_SHOTS)
+    assert plan_request(resolved, preset("tiny")).shots        # plans as any request with shots does
+    with pytest.raises(PlanError, match="storyboard"):        # never planned: refused, naming the field
+        plan_request(request, preset("tiny"))
+    assert resolve_storyboard(resolved, planner) is resolved   # explicit shots: nothing to plan
