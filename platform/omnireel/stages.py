@@ -125,10 +125,6 @@ def encode_text(text_encoder, plan: ScenePlan) -> TextEmbeddings:
 def encode_voice(registry, plan: ScenePlan) -> VoiceEmbeddings:
     """Speaker embeddings of the bound characters, read from the voice registry (voices.VoiceRegistry).
     An id that is not (or no longer) there raises voices.VoiceNotFound naming the field."""
-    from .model.voice import EMBEDDING_DIM
-    if not plan.voices:
-        return VoiceEmbeddings(speakers=torch.zeros(0, EMBEDDING_DIM))
-    registry.check_bindings(plan.voices)
     return VoiceEmbeddings(speakers=registry.embeddings([voice_id for _, voice_id in plan.voices]))
 
 

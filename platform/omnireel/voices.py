@@ -166,7 +166,12 @@ class VoiceRegistry:
                 raise VoiceNotFound(voice_id, field=f"voices.{i}.voice_id")
 
     def embeddings(self, voice_ids) -> torch.Tensor:
-        """Bound voices -> (V, 256) float32, in binding order."""
-        if not voice_ids:
-            return torch.zeros(0, EMBEDDING_DIM)
-        return torch.tensor([self.get(voice_id).embedding for voice_id in voice_ids], dtype=torch.float32)
+        """Bound voices -> (V, 256) float32, in binding order; one read per voice. An unknown id is
+        VoiceNotFound naming its field (voices.<i>.voice_id), as in check_bindings."""
+        rows = []
+        for i, voice_id in enumerate(voice_ids):
+            try:
+                rows.append(self.get(voice_id).embedding)
+            except VoiceNotFound:
+                raise VoiceNotFound(voice_id, field=f"voices.{i}.voice_id") from None
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), EMBEDDING_DIM)
