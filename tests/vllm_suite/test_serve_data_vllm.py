@@ -243,8 +243,20 @@ def replica_engines() -> dict[str, list[psutil.Process]]:
     return found
 
 
+def settled_replica_engines(timeout_s: float = 120.0) -> dict[str, list[psutil.Process]]:
+    """replica_engines() once the TextEncoder's engine core and worker both show their titles: vLLM
+    sets a process's title late (the worker's only seconds before it is ready), and on a loaded
+    2-core machine a look taken just after the app is RUNNING can see none yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        engines = replica_engines()
+        if len(engines.get("TextEncoder", [])) >= len(ENGINE_TITLES) or time.monotonic() > deadline:
+            return engines
+        time.sleep(1.0)
+
+
 def test_text_encoder_replica_runs_vllm_with_unpinned_threads(drivers):
-    engines = replica_engines()
+    engines = settled_replica_engines()
     assert list(engines) == ["TextEncoder"], engines          # only the text encoder runs vLLM
     titles = sorted(title(p) for p in engines["TextEncoder"])
     assert titles == ["VLLM::EngineCore", "VLLM::Worker"], titles
@@ -287,7 +299,7 @@ def test_served_job_and_latents_match_the_torch_backend(drivers, tiny_engine):
 def test_serve_shutdown_stops_the_engine(drivers):
     from ray import serve
 
-    engines = replica_engines().get("TextEncoder", [])
+    engines = settled_replica_engines().get("TextEncoder", [])
     assert len(engines) == 2
     serve.shutdown()
     gone, alive = psutil.wait_procs(engines, timeout=ENGINE_EXIT_S)
