@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AppArgs(BaseModel):
@@ -18,6 +18,12 @@ class AppArgs(BaseModel):
     tp: int = Field(1, ge=1, description="tensor-parallel degree of each Backbone replica")
     use_gpu: bool = Field(False, description="ranks and GPU stages take a GPU each")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per replica and per rank")
+    stage_threads: dict[str, int] = Field(default_factory=dict, description=(
+        "torch threads of one stage's replicas, over `threads` (e.g. {decode_audio: 1}: the vocoder's "
+        "small FFTs are no faster on more threads, and it runs beside the video decoder)"))
+    compute_niceness: Optional[int] = Field(0, ge=-20, le=19, description=(
+        "nice value of each stage replica's and rank's compute thread (Ray starts workers at 15; below "
+        "that needs CAP_SYS_NICE, else it stays at 15); None: leave it as Ray set it"))
     replica_cpus: float = Field(1.0, gt=0, description="CPUs of each stage replica")
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs of each Backbone rank actor")
     control_cpus: float = Field(0.25, ge=0, description="CPUs of each ingress, job store and runner replica")
@@ -41,6 +47,23 @@ class AppArgs(BaseModel):
     video_ttl_s: float = Field(86400.0, gt=0, description="finished jobs and videos expire this long after")
     collect_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are collected")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of 429 and 503 answers")
+
+    @field_validator("stage_threads")
+    @classmethod
+    def _stage_threads(cls, value: dict[str, int]) -> dict[str, int]:
+        from omnireel.stages import STAGE_GRAPH
+        stages = [stage.name for stage in STAGE_GRAPH if stage.component is not None]
+        for name, threads in value.items():
+            if name not in stages:
+                raise ValueError(f"stage_threads: unknown stage {name!r}; stages are {', '.join(stages)}")
+            if threads < 1:
+                raise ValueError(f"stage_threads.{name}: must be >= 1, got {threads}")
+        return value
+
+    def threads_for(self, stages) -> Optional[int]:
+        """Torch threads of a replica that runs `stages` (names): stage_threads where set, else threads."""
+        values = [self.stage_threads[name] for name in stages if name in self.stage_threads]
+        return max(values) if values else self.threads
 
     def resolved(self) -> "AppArgs":
         """Defaults that need the environment, fixed once so that every replica sees the same."""

@@ -24,7 +24,7 @@ from omnireel.checkpoint import read_config
 from omnireel.parallel.group import RankFailure
 from omnireel.parallel.inprocess import open_backbone
 
-from .stage_replica import DRIVER, NO_JOB, STAGES, JobTicket, set_threads, warmup_values
+from .stage_replica import DRIVER, NO_JOB, STAGES, JobTicket, compute_thread, warmup_values
 
 logger = logging.getLogger("ray.serve")
 DENOISE = STAGES["denoise"]
@@ -76,12 +76,13 @@ class JobSignals:
 @serve.deployment
 class Backbone:
     def __init__(self, args, store):
-        set_threads(args.threads)
         self.store = store
-        self.host = open_backbone(args.checkpoint, args.tp, get_current_placement_group(), use_gpu=args.use_gpu,
-                                  cpus_per_rank=args.cpus_per_rank, threads=args.threads)
+        self.compute = compute_thread(args, [DENOISE.name])   # runs the backbone at tp=1, drives the group above
+        self.host = self.compute.run(open_backbone, args.checkpoint, args.tp, get_current_placement_group(),
+                                     use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
+                                     threads=args.threads_for([DENOISE.name]), niceness=args.compute_niceness)
         values = warmup_values(read_config(args.checkpoint))
-        self.host.denoise(*[values[name] for name in DENOISE.inputs])
+        self.compute.run(self.host.denoise, *[values[name] for name in DENOISE.inputs])
 
     async def run(self, stage_name: str, ticket: JobTicket, *inputs):
         """The denoise stage: (plan, text, voice, media) -> GeneratedLatents, on the backbone host."""
@@ -90,10 +91,10 @@ class Backbone:
         signals = JobSignals(self.store, ticket, asyncio.get_running_loop())
         start = time.perf_counter()
         try:
-            latents = await asyncio.to_thread(self.host.denoise, *inputs, progress=signals.progress,
+            latents = await self.compute.call(self.host.denoise, *inputs, progress=signals.progress,
                                               should_stop=signals.should_stop)
         except RankFailure:
-            await asyncio.to_thread(self.host.rebuild)   # a fresh set of ranks for the next job
+            await self.compute.call(self.host.rebuild)   # a fresh set of ranks for the next job
             raise
         except asyncio.CancelledError:   # the caller gave up: stop at the next step
             signals.stop = True
@@ -108,3 +109,5 @@ class Backbone:
         host = getattr(self, "host", None)
         if host is not None:
             host.shutdown()
+        if hasattr(self, "compute"):
+            self.compute.shutdown()

@@ -6,10 +6,10 @@ Contract (the same for every stage deployment, the Backbone included):
 where `inputs` are the stage's declared `inputs` in order (DeploymentResponses of upstream stages
 resolve to payloads before the call lands) and `ticket` is the job's JobTicket, used by stages that
 report progress. A replica is ready (constructed) only after it ran each of its stages once.
+Every stage call, the warm-up included, runs on the replica's ComputeThread (compute.py).
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import NamedTuple
 
@@ -18,6 +18,7 @@ import torch
 
 from omnireel import metrics
 from omnireel.checkpoint import read_config
+from omnireel.compute import ComputeThread
 from omnireel.config import GenerationRequest
 from omnireel.plan import plan_request
 from omnireel.stages import (STAGE_GRAPH, GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings,
@@ -52,9 +53,9 @@ def warmup_values(config) -> dict:
     }
 
 
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+def compute_thread(args, stage_names) -> ComputeThread:
+    """The compute thread of a replica running `stage_names`: their torch threads, the compute nice value."""
+    return ComputeThread(args.threads_for(stage_names), args.compute_niceness)
 
 
 class StageReplica:
@@ -63,22 +64,22 @@ class StageReplica:
     stage_names: tuple[str, ...] = ()
 
     def __init__(self, args):
-        set_threads(args.threads)
+        self.compute = compute_thread(args, self.stage_names)
         self.config = read_config(args.checkpoint)
         self.stages = [STAGES[name] for name in self.stage_names]
         needed = {stage.component for stage in self.stages if stage.component}
         device = "cuda" if ray.get_gpu_ids() else "cpu"          # a GPU stage got one (use_gpu)
-        self.components = load_components(args.checkpoint, needed, device, voices=args.voices_uri)
+        self.components = self.compute.run(load_components, args.checkpoint, needed, device, voices=args.voices_uri)
         values = warmup_values(self.config)
         for stage in self.stages:
-            run_stage(stage, self.components, values)
+            self.compute.run(run_stage, stage, self.components, values)
 
     async def run(self, stage_name: str, ticket: JobTicket, *inputs):
         stage = STAGES[stage_name]
         if stage not in self.stages:
             raise ValueError(f"{type(self).__name__} does not run stage {stage_name!r}")
         start = time.perf_counter()
-        output = await asyncio.to_thread(run_stage, stage, self.components, dict(zip(stage.inputs, inputs)))
+        output = await self.compute.call(run_stage, stage, self.components, dict(zip(stage.inputs, inputs)))
         metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage_name, driver=DRIVER)
         return output
 
@@ -87,3 +88,5 @@ class StageReplica:
 
     def __del__(self):
         close_components(getattr(self, "components", {}))
+        if hasattr(self, "compute"):
+            self.compute.shutdown()

@@ -17,6 +17,7 @@ from omnireel.parallel.group import BackboneGroup, DenoiseJob, JobCancelled, Ran
 
 TP = 2
 RANK_THREADS = 1        # two ranks share the two test cores
+RANK_NICENESS = 17      # of each rank's engine thread: above Ray's 15, so no CAP_SYS_NICE is needed
 PARITY = 1e-4           # "equal to LocalEngine" (DESIGN.md §2)
 KILL_BOUND_S = 20.0     # a dead rank must fail the call well within this
 
@@ -52,7 +53,7 @@ def expected(tiny_engine):
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_checkpoint):
     """A group that creates its own placement group (as a Ray Data actor's would)."""
-    g = BackboneGroup(tiny_checkpoint, TP, threads=RANK_THREADS, pg_timeout_s=30.0)
+    g = BackboneGroup(tiny_checkpoint, TP, threads=RANK_THREADS, pg_timeout_s=30.0, niceness=RANK_NICENESS)
     yield g
     g.shutdown()
 
@@ -101,6 +102,17 @@ def test_a_group_of_two_returns_local_engine_latents(group, tiny_engine, expecte
     assert len(group.rank_actors) == TP
     job = denoise_job(tiny_engine, request())
     assert_same_latents(group.denoise(job.plan, job.text, job.voice, job.media), expected)
+
+
+def test_each_ranks_engine_is_a_compute_thread_at_the_groups_nice_value(group):
+    import os
+
+    from omnireel.compute import compute_threads
+    for rank in group.rank_actors:
+        main, compute = ray.get(rank.__ray_call__.remote(
+            lambda self: (os.getpriority(os.PRIO_PROCESS, os.getpid()), compute_threads())))
+        assert compute and set(compute.values()) == {RANK_NICENESS}, compute
+        assert main != RANK_NICENESS          # the rest of the rank's process keeps Ray's nice value
 
 
 def test_cancel_stops_every_rank_at_the_same_step(group, tiny_engine, expected):

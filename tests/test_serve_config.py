@@ -55,6 +55,17 @@ def test_configure_overrides_args_and_deployments_and_validates():
         configure(load_serve_config(), args={"max_active_jobs": 0})
 
 
+def test_stage_threads_name_model_stages_and_override_threads_for_their_replicas():
+    args = AppArgs(threads=2, stage_threads={"decode_audio": 1})
+    assert args.threads_for(["decode_audio"]) == 1 and args.threads_for(["decode_video"]) == 2
+    with pytest.raises(pydantic.ValidationError, match="stage_threads: unknown stage 'mux'"):
+        AppArgs(stage_threads={"mux": 1})             # no model: it runs in the JobRunner
+    with pytest.raises(pydantic.ValidationError, match="stage_threads.denoise: must be >= 1"):
+        AppArgs(stage_threads={"denoise": 0})
+    with pytest.raises(pydantic.ValidationError, match="compute_niceness"):
+        AppArgs(compute_niceness=20)
+
+
 def test_form_fields_flattened_in_brackets_become_nested_values():
     items = [("prompt", "a fox"), ("shots[0][prompt]", "runs"), ("shots[0][seconds]", "0.5"),
              ("shots[1][prompt]", "stops"), ("shots[1][seconds]", "0.5"), ("tags[]", "a"), ("tags[]", "b")]

@@ -38,6 +38,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ..compute import enter_compute
 from ..model.sampler import Cancelled
 from ..plan import ScenePlan
 from ..stages import GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings
@@ -135,11 +136,12 @@ class JobScheduler:
 
 @ray.remote(concurrency_groups={"control": 2})
 class BackboneRank:
-    """One rank: its shard of the backbone and an engine thread that runs jobs in rank 0's order."""
+    """One rank: its shard of the backbone and an engine thread that runs jobs in rank 0's order
+    (a compute thread at `niceness`, see compute.py)."""
 
-    def __init__(self, rank: int, world: int, threads: int):
+    def __init__(self, rank: int, world: int, threads: int, niceness: int | None = None):
         torch.set_num_threads(threads)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.niceness = rank, world, niceness
         gpu = bool(ray.get_gpu_ids())
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")   # Ray sets CUDA_VISIBLE_DEVICES
         self.backend = "nccl" if gpu else "gloo"
@@ -208,6 +210,7 @@ class BackboneRank:
     # -- engine thread: the only thread that runs collectives --
 
     def _engine(self) -> None:
+        enter_compute(None, self.niceness)   # torch's thread count is the process's, set in __init__
         try:
             while True:
                 job_id = self._next_job()
@@ -305,7 +308,8 @@ class BackboneGroup:
 
     def __init__(self, checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
                  use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
-                 dtype: str | None = None, pg_timeout_s: float = 60.0, start_timeout_s: float = 300.0):
+                 dtype: str | None = None, pg_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
+                 niceness: int | None = None):
         from ..checkpoint import read_config
 
         self.checkpoint_dir = str(checkpoint_dir)
@@ -325,6 +329,7 @@ class BackboneGroup:
         self.cpus_per_rank = cpus_per_rank
         self.threads = threads or torch.get_num_threads()
         self.dtype = dtype
+        self.niceness = niceness             # of each rank's engine thread (None: Ray's)
         self.pg_timeout_s = pg_timeout_s
         self.start_timeout_s = start_timeout_s
         self.straggler_timeout_s = pg_timeout_s + 30.0   # how long ranks may finish apart
@@ -370,7 +375,7 @@ class BackboneGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=i,
                 placement_group_capture_child_tasks=True),
-        ).remote(i, self.tp, self.threads) for i in range(self.tp)]
+        ).remote(i, self.tp, self.threads, self.niceness) for i in range(self.tp)]
         self._ranks = ranks
         try:
             address = self._wait_all([ranks[0].open_store.remote()], self.start_timeout_s, "open its store")[0]

@@ -57,9 +57,10 @@ def host_resources(tp: int, use_gpu: bool, cpus_per_rank: float, host_cpus: floa
 
 def open_backbone(checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
                   use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
-                  dtype: str | None = None):
-    """The backbone host for `tp`: in this process at tp=1, else a BackboneGroup of rank actors."""
+                  dtype: str | None = None, niceness: int | None = None):
+    """The backbone host for `tp`: in this process at tp=1 (run it on the caller's compute thread),
+    else a BackboneGroup of rank actors whose engine threads are compute threads at `niceness`."""
     if tp == 1:
         return InProcessBackbone(checkpoint_dir, dtype=dtype)
     return BackboneGroup(checkpoint_dir, tp, placement_group, use_gpu=use_gpu, cpus_per_rank=cpus_per_rank,
-                         threads=threads, dtype=dtype)
+                         threads=threads, dtype=dtype, niceness=niceness)
