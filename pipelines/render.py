@@ -34,10 +34,10 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from omnireel import metrics, storage
 from omnireel.checkpoint import default_checkpoint, read_config, read_digest
+from omnireel.compute import ComputeThread
 from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
 from omnireel.parallel.group import BackboneGroup, RankFailure
 from omnireel.parallel.inprocess import host_resources, open_backbone
@@ -63,6 +63,7 @@ class BatchOptions:
     decoders: int = 1                   # decode actors
     limit: int | None = None            # only the first N manifest rows
     threads: int | None = None          # torch threads in every actor and rank (default: Ray's, its CPUs)
+    compute_niceness: int | None = 0    # nice value of each actor's and rank's compute thread (compute.py)
     cpus_per_rank: float = 1
     save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
     pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
@@ -122,29 +123,33 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
 # ---- the pools (Ray Data actors: pyarrow batch of rows in, pyarrow batch out) --------------------
 
 class StagePool:
-    """Runs one pool's stages, in graph order, for each row of a batch; timings and errors per row."""
+    """Runs one pool's stages, in graph order, for each row of a batch; timings and errors per row.
+    Loading and every batch run on the actor's compute thread (compute.py), as in a Serve replica."""
 
     pool = ""
 
-    def __init__(self, checkpoint: str, threads: int | None = None, voices: str | None = None):
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, checkpoint: str, threads: int | None = None, voices: str | None = None,
+                 niceness: int | None = None):
+        self.compute = ComputeThread(threads, niceness)
         self.checkpoint, self.voices = checkpoint, voices
         self.config = read_config(checkpoint)
         self.stages = POOLS[self.pool]
         names = list(POOLS)
         self.needs = carried(names[names.index(self.pool) - 1] if self.pool != names[0] else None)
         self.gives = carried(self.pool)
-        self.components = self.load({stage.component for stage in self.stages} - {None})
+        self.components = self.compute.run(self.load, {stage.component for stage in self.stages} - {None})
 
     def load(self, names: set[str]) -> dict:
         return load_components(self.checkpoint, names, "cuda" if ray.get_gpu_ids() else "cpu", voices=self.voices)
 
     def __del__(self):
         close_components(getattr(self, "components", {}))
+        if hasattr(self, "compute"):
+            self.compute.shutdown()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return rows.to_table([self.run_row(row) for row in rows.from_table(batch)], self.gives)
+        return self.compute.run(lambda: rows.to_table([self.run_row(row) for row in rows.from_table(batch)],
+                                                      self.gives))
 
     def run_row(self, row: dict) -> dict:
         if row["stage"]:                                  # failed upstream: passes through
@@ -184,10 +189,11 @@ class DenoisePool(StagePool):
 
     pool = "denoise"
 
-    def __init__(self, checkpoint: str, threads: int | None = None, tp: int = 1, cpus_per_rank: float = 1):
-        super().__init__(checkpoint, threads)
-        self.host = open_backbone(checkpoint, tp, ray.util.get_current_placement_group(),
-                                  cpus_per_rank=cpus_per_rank, threads=threads)
+    def __init__(self, checkpoint: str, threads: int | None = None, tp: int = 1, cpus_per_rank: float = 1,
+                 niceness: int | None = None):
+        super().__init__(checkpoint, threads, niceness=niceness)
+        self.host = self.compute.run(open_backbone, checkpoint, tp, ray.util.get_current_placement_group(),
+                                     cpus_per_rank=cpus_per_rank, threads=threads, niceness=niceness)
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -196,6 +202,7 @@ class DenoisePool(StagePool):
         host = getattr(self, "host", None)
         if host is not None:
             host.shutdown()
+        super().__del__()
 
     def call(self, stage, values, row):
         try:
@@ -212,8 +219,9 @@ class DecodePool(StagePool):
 
     pool = "decode"
 
-    def __init__(self, checkpoint: str, threads: int | None = None, out: str = "", save_latents: bool = False):
-        super().__init__(checkpoint, threads)
+    def __init__(self, checkpoint: str, threads: int | None = None, out: str = "", save_latents: bool = False,
+                 niceness: int | None = None):
+        super().__init__(checkpoint, threads, niceness=niceness)
         self.out, self.save_latents = out, save_latents
         self.digest = read_digest(checkpoint)
 
@@ -356,7 +364,8 @@ def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, t
         with warnings.catch_warnings():   # deprecated in Ray 2.60, still how ray.data.llm places TP engines
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
             ds = ds.map_batches(POOL_ACTORS[pool], compute=ray.data.ActorPoolStrategy(size=size),
-                                fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads, **kwargs},
+                                fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads,
+                                                       "niceness": options.compute_niceness, **kwargs},
                                 **common, **resources)
     yield from ds.iter_rows()
 
@@ -512,7 +521,8 @@ def command(args) -> None:
         if value is not None and value < 1:
             fail(f"--{name}: must be >= 1 (got {value})")
     options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
-                           save_latents=args.save_latents, pushgateway=args.pushgateway, voices=args.voice_store)
+                           compute_niceness=args.compute_niceness, save_latents=args.save_latents,
+                           pushgateway=args.pushgateway, voices=args.voice_store)
     try:
         checkpoint = str(args.checkpoint or default_checkpoint())
         config = read_config(checkpoint)

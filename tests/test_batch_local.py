@@ -130,3 +130,24 @@ def test_rerun_skips_every_row(local_run, tiny_checkpoint):
     assert {uri: (storage.filesystem(uri)[0].modified(uri), storage.read_bytes(uri)) for uri in after["mp4"]} == before
     assert sorted(r["id"] for r in read_parquet(storage.join(out, "results.parquet"))) == sorted(VALID)
     assert len(read_parquet(storage.join(out, "errors.parquet"))) == 2
+
+
+@pytest.mark.parametrize("pool", ["encode", "decode"])
+def test_a_pool_actor_loads_and_runs_on_its_compute_thread(ray_session, tiny_checkpoint, pool):
+    """Like a Serve replica, a pool actor runs its model work on a compute thread at the batch's
+    nice value (17 here: above Ray's 15, so no CAP_SYS_NICE is needed), the rest of it at Ray's."""
+    import os
+
+    import ray
+
+    from omnireel.compute import compute_threads
+    from omnireel.pipelines.render import POOL_ACTORS
+
+    actor = ray.remote(POOL_ACTORS[pool]).options(num_cpus=0.25).remote(str(tiny_checkpoint), threads=1, niceness=17)
+    try:
+        main, compute = ray.get(actor.__ray_call__.remote(
+            lambda self: (os.getpriority(os.PRIO_PROCESS, os.getpid()), compute_threads())), timeout=120)
+        assert compute and set(compute.values()) == {17}, compute
+        assert main != 17
+    finally:
+        ray.kill(actor)
