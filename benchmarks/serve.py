@@ -1,7 +1,7 @@
 """The Serve app against LocalEngine: end-to-end HTTP latency at concurrency 1 (as a ratio) and
 jobs/minute at concurrency 1, 4 and 8.
 
-    python benchmarks/serve.py [--checkpoint DIR] [--repeats 5]
+    python benchmarks/serve.py [--checkpoint DIR] [--repeats 5] [--compute-niceness N|none]
 
 Latency is measured for two requests on the same (tiny by default) checkpoint: the default request
 (a prompt only: 256x256, 2 s at 24 fps, 8 steps), the one the ratio target is for, and the smallest
@@ -14,6 +14,11 @@ same torch thread count as the LocalEngine run), on a free port. One HTTP job = 
 GET /v1/videos/{id}?wait_s=60 (a long poll: answered when the job ends; --poll-s S polls instead)
 until completed, GET .../content; every job has its own seed, so no
 artifact is reused. On a 2-core machine the concurrency figures show contention, not scaling.
+
+Per stage (default request): each stage deployment called alone through its handle with
+LocalEngine's inputs, against the same stage in this process (so one Serve hop is included), to
+show where the served path loses time. `--compute-niceness none` leaves the replicas' compute
+threads at Ray's nice value (15) for comparison.
 """
 from __future__ import annotations
 
@@ -57,6 +62,36 @@ def http_job(url: str, body: dict, poll_s: float = 0.0) -> float:
     return time.perf_counter() - start
 
 
+def stage_by_stage(engine, request, repeats: int) -> dict[str, tuple[float, float]]:
+    """stage -> (median seconds of the stage deployment called alone through its handle, median
+    seconds of the same stage in this process), on LocalEngine's payloads for `request`."""
+    from ray import serve
+
+    from omnireel.deployments.app import APP_NAME, STAGE_DEPLOYMENTS
+    from omnireel.deployments.stage_replica import NO_JOB
+    from omnireel.stages import STAGE_GRAPH, run_stage
+
+    values = {"plan": engine.plan(request)}
+    for stage in STAGE_GRAPH:
+        values[stage.output] = run_stage(stage, engine.components, values)
+    out = {}
+    for stage in STAGE_GRAPH:
+        if stage.name not in STAGE_DEPLOYMENTS:
+            continue
+        handle = serve.get_deployment_handle(STAGE_DEPLOYMENTS[stage.name].name, APP_NAME)
+        inputs = [values[name] for name in stage.inputs]
+        served, local = [], []
+        for _ in range(repeats):            # interleaved, like the jobs
+            start = time.perf_counter()
+            handle.run.remote(stage.name, NO_JOB, *inputs).result()
+            served.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run_stage(stage, engine.components, values)
+            local.append(time.perf_counter() - start)
+        out[stage.name] = (statistics.median(served), statistics.median(local))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="checkpoint folder (default: a fresh tiny one)")
@@ -64,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, LocalEngine and every replica")
     parser.add_argument("--poll-s", type=float, default=0.0,
                         help="poll the job every this many seconds instead of one long poll (wait_s)")
+    parser.add_argument("--compute-niceness", default="config",
+                        help="the replicas' compute_niceness: an integer, 'none' (Ray's 15), or 'config' (the YAML's)")
     options = parser.parse_args()
 
     import ray
@@ -90,10 +127,12 @@ def main() -> None:
              log_to_driver=False)
     port = free_port()
     one_each = {d.name: {"num_replicas": 1, "autoscaling_config": None} for d in DEPLOYMENTS}
+    niceness = {} if options.compute_niceness == "config" else {
+        "compute_niceness": None if options.compute_niceness == "none" else int(options.compute_niceness)}
     config = configure(load_serve_config(), deployments=one_each, host="127.0.0.1", port=port, args={
         "checkpoint": checkpoint, "storage_uri": os.path.join(workdir, "store"), "threads": options.threads,
         "replica_cpus": 0.25, "cpus_per_rank": 0.25, "control_cpus": 0.05, "max_active_jobs": 64,
-        "runner_max_ongoing": 8})
+        "runner_max_ongoing": 8, **niceness})
     started = time.perf_counter()
     serve_run(config, ray.get_runtime_context().gcs_address)
     wait_until_running(APP_NAME)
@@ -113,6 +152,8 @@ def main() -> None:
         latency[name] = (GenerationRequest(**request), statistics.median(local), statistics.median(served),
                          {stage: statistics.median(t[stage] for t in stages) for stage in stages[0]})
 
+    per_stage = stage_by_stage(engine, GenerationRequest(**requests["default"], seed=next(seed)), options.repeats)
+
     rates = {}
     for concurrency in (1, 4, 8):
         jobs = max(8, 2 * concurrency)
@@ -123,7 +164,9 @@ def main() -> None:
         rates[concurrency] = jobs / (time.perf_counter() - start) * 60
 
     polling = f"polling every {options.poll_s:g} s" if options.poll_s else "long poll"
-    print(f"preset {engine.config.name}, torch threads {options.threads}, {os.cpu_count()} CPU cores, app startup "
+    app_args = config["applications"][0]["args"]
+    print(f"preset {engine.config.name}, torch threads {options.threads} (stage_threads {app_args.get('stage_threads')}), "
+          f"compute_niceness {app_args.get('compute_niceness')}, {os.cpu_count()} CPU cores, app startup "
           f"{startup:.0f} s; median of {options.repeats} jobs, LocalEngine and HTTP runs interleaved, {polling}")
     for name, (request, local_s, served_s, stages) in latency.items():
         target = " (target <= 1.10)" if name == "default" else ""
@@ -131,6 +174,9 @@ def main() -> None:
               f"{engine.plan(request).steps} steps): LocalEngine {local_s:.3f} s, HTTP end to end {served_s:.3f} s, "
               f"ratio {served_s / local_s:.2f}{target}, overhead {1000 * (served_s - local_s):.0f} ms")
         print("  LocalEngine stages: " + ", ".join(f"{stage} {t:.3f} s" for stage, t in stages.items()))
+    print("per stage, default request, served (one handle call) / LocalEngine: " + ", ".join(
+        f"{stage} {served_s:.3f}/{local_s:.3f} s" + (f" ({served_s / local_s:.2f})" if local_s >= 0.05 else "")
+        for stage, (served_s, local_s) in per_stage.items()))
     print("jobs/minute (smallest request): " + ", ".join(f"concurrency {c}: {rate:.1f}" for c, rate in rates.items()))
     from ray import serve
     serve.shutdown()
