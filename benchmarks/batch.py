@@ -6,7 +6,7 @@ denoise end) that the denoise actors spent running the backbone, and the mean de
 in each (on a small CPU box the pipeline's stages compete for the same cores).
 
     python benchmarks/batch.py [--preset tiny|small] [--rows 8] [--size 64x64] [--seconds 1] [--steps 4]
-                               [--replicas 1] [--tp 1] [--cpus 4] [--threads N]
+                               [--replicas 1] [--tp 1] [--cpus 4] [--threads N] [--compute-niceness N|none]
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
+    parser.add_argument("--compute-niceness", default="0",
+                        help="nice value of the pool actors' compute threads, or 'none' (Ray's 15)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,7 +71,9 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     start = time.perf_counter()                       # pipeline: validation, actor start-up, rendering, outputs
     summary = run_batch(manifest, str(work / "pipeline"), str(checkpoint),
-                        BatchOptions(tp=args.tp, replicas=args.replicas, threads=args.threads))
+                        BatchOptions(tp=args.tp, replicas=args.replicas, threads=args.threads,
+                                     compute_niceness=None if args.compute_niceness == "none"
+                                     else int(args.compute_niceness)))
     pipeline_s = time.perf_counter() - start
     ray.shutdown()
     assert summary.rendered == args.rows, summary
