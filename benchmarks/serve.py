@@ -1,7 +1,7 @@
 """The Serve app against LocalEngine: end-to-end HTTP latency at concurrency 1 (as a ratio) and
 jobs/minute at concurrency 1, 4 and 8.
 
-    python benchmarks/serve.py [--checkpoint DIR] [--repeats 5] [--compute-niceness N|none]
+    python benchmarks/serve.py [--checkpoint DIR] [--repeats 5] [--set ARG=VALUE ...]
 
 Latency is measured for two requests on the same (tiny by default) checkpoint: the default request
 (a prompt only: 256x256, 2 s at 24 fps, 8 steps), the one the ratio target is for, and the smallest
@@ -17,8 +17,9 @@ artifact is reused. On a 2-core machine the concurrency figures show contention,
 
 Per stage (default request): each stage deployment called alone through its handle with
 LocalEngine's inputs, against the same stage in this process (so one Serve hop is included), to
-show where the served path loses time. `--compute-niceness none` leaves the replicas' compute
-threads at Ray's nice value (15) for comparison.
+show where the served path loses time. `--set ARG=VALUE` overrides a build_app arg as `omnireel serve
+--set` does, e.g. `--set compute_niceness=null` (the compute threads at Ray's nice 15) or
+`--set stage_threads={}` (decode_audio on `--threads` too), for comparison.
 """
 from __future__ import annotations
 
@@ -99,15 +100,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, LocalEngine and every replica")
     parser.add_argument("--poll-s", type=float, default=0.0,
                         help="poll the job every this many seconds instead of one long poll (wait_s)")
-    parser.add_argument("--compute-niceness", default="config",
-                        help="the replicas' compute_niceness: an integer, 'none' (Ray's 15), or 'config' (the YAML's)")
+    parser.add_argument("--set", action="append", metavar="ARG=VALUE", help="a build_app arg (YAML value), repeatable")
     options = parser.parse_args()
 
     import ray
 
     from omnireel.checkpoint import init_checkpoint
     from omnireel.config import GenerationRequest
-    from omnireel.deployments.app import (APP_NAME, DEPLOYMENTS, configure, load_serve_config, serve_run,
+    from omnireel.deployments.app import (APP_NAME, DEPLOYMENTS, configure, load_serve_config, parse_set, serve_run,
                                           wait_until_running)
     from omnireel.engine import LocalEngine
 
@@ -127,12 +127,10 @@ def main() -> None:
              log_to_driver=False)
     port = free_port()
     one_each = {d.name: {"num_replicas": 1, "autoscaling_config": None} for d in DEPLOYMENTS}
-    niceness = {} if options.compute_niceness == "config" else {
-        "compute_niceness": None if options.compute_niceness == "none" else int(options.compute_niceness)}
     config = configure(load_serve_config(), deployments=one_each, host="127.0.0.1", port=port, args={
         "checkpoint": checkpoint, "storage_uri": os.path.join(workdir, "store"), "threads": options.threads,
         "replica_cpus": 0.25, "cpus_per_rank": 0.25, "control_cpus": 0.05, "max_active_jobs": 64,
-        "runner_max_ongoing": 8, **niceness})
+        "runner_max_ongoing": 8, **parse_set(options.set)})
     started = time.perf_counter()
     serve_run(config, ray.get_runtime_context().gcs_address)
     wait_until_running(APP_NAME)

@@ -123,13 +123,17 @@ def wait_until_running(name: str = APP_NAME, timeout_s: float = 900.0) -> None:
     raise TimeoutError(f"Serve app {name!r} not running within {timeout_s:g}s")
 
 
+def parse_set(items: list[str] | None) -> dict:
+    """`--set ARG=VALUE` options (repeatable) as build_app args, each VALUE read as YAML."""
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items or [])}
+
+
 def serve_command(options) -> None:
     """`omnireel serve`: the Serve config YAML with the command line's overrides, on localhost."""
     import ray
     from ray import serve
 
-    args = dict(item.split("=", 1) for item in options.set or [])
-    args = {key: yaml.safe_load(value) for key, value in args.items()}
+    args = parse_set(options.set)
     for key in ("checkpoint", "tp", "threads"):
         if getattr(options, key) is not None:
             args[key] = getattr(options, key)

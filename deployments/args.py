@@ -19,8 +19,8 @@ class AppArgs(BaseModel):
     use_gpu: bool = Field(False, description="ranks and GPU stages take a GPU each")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per replica and per rank")
     stage_threads: dict[str, int] = Field(default_factory=dict, description=(
-        "torch threads of one stage's replicas, over `threads` (e.g. {decode_audio: 1}: the vocoder's "
-        "small FFTs are no faster on more threads, and it runs beside the video decoder)"))
+        "torch threads of one stage's replicas, over `threads` (e.g. {decode_audio: 1}: it runs beside "
+        "the video decoder, and two decoders of `threads` each oversubscribe a small node)"))
     compute_niceness: Optional[int] = Field(0, ge=-20, le=19, description=(
         "nice value of each stage replica's and rank's compute thread (Ray starts workers at 15; below "
         "that needs CAP_SYS_NICE, else it stays at 15); None: leave it as Ray set it"))

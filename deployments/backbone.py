@@ -80,7 +80,7 @@ class Backbone:
         self.compute = compute_thread(args, [DENOISE.name])   # runs the backbone at tp=1, drives the group above
         self.host = self.compute.run(open_backbone, args.checkpoint, args.tp, get_current_placement_group(),
                                      use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
-                                     threads=args.threads_for([DENOISE.name]), niceness=args.compute_niceness)
+                                     threads=self.compute.threads, niceness=args.compute_niceness)
         values = warmup_values(read_config(args.checkpoint))
         self.compute.run(self.host.denoise, *[values[name] for name in DENOISE.inputs])
 

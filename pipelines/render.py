@@ -520,6 +520,8 @@ def command(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name}: must be >= 1 (got {value})")
+    if not -20 <= args.compute_niceness <= 19:
+        fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
     options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
                            compute_niceness=args.compute_niceness, save_latents=args.save_latents,
                            pushgateway=args.pushgateway, voices=args.voice_store)

@@ -8,7 +8,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from omnireel import media
-from omnireel.deployments.app import APP_NAME, CONFIG_PATH, DEPLOYMENTS, configure, load_serve_config
+from omnireel.deployments.app import APP_NAME, CONFIG_PATH, DEPLOYMENTS, configure, load_serve_config, parse_set
 from omnireel.deployments.args import AppArgs
 from omnireel.deployments.request_parsing import APIError, check_upload, decode_structured, unflatten
 
@@ -64,6 +64,13 @@ def test_stage_threads_name_model_stages_and_override_threads_for_their_replicas
         AppArgs(stage_threads={"denoise": 0})
     with pytest.raises(pydantic.ValidationError, match="compute_niceness"):
         AppArgs(compute_niceness=20)
+
+
+def test_set_options_are_build_app_args_read_as_yaml():
+    args = parse_set(["stage_threads={}", "compute_niceness=null", "api_keys=[a, b]", "model_name=x=y"])
+    assert args == {"stage_threads": {}, "compute_niceness": None, "api_keys": ["a", "b"], "model_name": "x=y"}
+    app = omnireel_app(configure(load_serve_config(), args=args))
+    assert app["args"]["stage_threads"] == {} and app["args"]["compute_niceness"] is None
 
 
 def test_form_fields_flattened_in_brackets_become_nested_values():

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replicas", type=int, default=1, help="denoising actors, each its own TP group (default 1)")
     b.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
     b.add_argument("--threads", type=int, help="torch CPU threads in every actor")
-    b.add_argument("--compute-niceness", type=int, default=0, choices=range(-20, 20), metavar="N",
+    b.add_argument("--compute-niceness", type=int, default=0, metavar="N",
                    help="nice value of each actor's compute thread (default 0; Ray's workers run at 15, below "
                         "it needs CAP_SYS_NICE)")
     b.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for the run's totals")

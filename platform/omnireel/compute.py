@@ -50,8 +50,8 @@ def compute_threads() -> dict[int, int]:
     return threads
 
 
-def set_thread_niceness(niceness: int | None) -> int:
-    """Sets the calling thread's nice value (Linux: per thread) where allowed; returns the value now."""
+def set_thread_niceness(niceness: int | None) -> None:
+    """Sets the calling thread's nice value (Linux: per thread) where allowed."""
     tid = threading.get_native_id()
     if niceness is not None and os.getpriority(os.PRIO_PROCESS, tid) != niceness:
         try:
@@ -59,7 +59,6 @@ def set_thread_niceness(niceness: int | None) -> int:
         except PermissionError:
             logger.warning("compute thread: nice %d needs CAP_SYS_NICE; it stays at %d", niceness,
                            os.getpriority(os.PRIO_PROCESS, tid))
-    return os.getpriority(os.PRIO_PROCESS, tid)
 
 
 def enter_compute(threads: int | None, niceness: int | None) -> None:
@@ -76,6 +75,7 @@ class ComputeThread:
     """A single worker thread that runs a process's model work (see the module docstring)."""
 
     def __init__(self, threads: int | None = None, niceness: int | None = None):
+        self.threads = threads          # torch threads it set (None: the process's)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=THREAD_NAME, initializer=enter_compute,
                                             initargs=(threads, niceness))
         self.native_id, self.niceness = self.run(
