@@ -21,6 +21,14 @@ def pytest_runtest_setup(item):
         pytest.skip(SKIP_REASON)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_before_vllm(ray_session):
+    """Ray starts before this process imports vLLM, so Ray's processes get this shell's environment,
+    as a node's `ray start` gives them, and not the one vLLM's import leaves in this process
+    (LD_PRELOAD, LD_LIBRARY_PATH, VLLM_WORKER_MULTIPROC_METHOD and more)."""
+    yield ray_session
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(vllm_checkpoint):
     """LocalEngine on the tiny checkpoint with `text.backend = "vllm"`.
@@ -28,15 +36,20 @@ def vllm_engine(vllm_checkpoint):
     One vLLM engine for the encoder and render tests: each start costs tens of seconds on 2 cores.
     Its teardown checks that close() leaves none of the engine's processes behind.
     """
+    import os
+
     import psutil
 
     from omnireel.engine import LocalEngine
-    from vllm_support import engine_processes, ray_host, title
+    from vllm_support import engine_processes
 
     before = {p.pid for p in engine_processes()}
     engine = LocalEngine(vllm_checkpoint)
-    started = [p for p in engine_processes() if p.pid not in before and ray_host(p) is None]   # this process's own
-    assert {title(p) for p in started} >= {"VLLM::EngineCore", "VLLM::Worker"}, started
+    started = [p for p in engine_processes() if p.pid not in before]
+    cores = [p for p in started if p.ppid() == os.getpid()]              # this process's own engine core
+    workers = [p for p in started if cores and p.ppid() == cores[0].pid]  # and the core's model worker
+    assert len(cores) == 1 and len(workers) == 1, started
+    started = cores + workers
     yield engine
     engine.components["text_encoder"].close()
     gone, alive = psutil.wait_procs(started, timeout=10)   # close() waits for them; 10 s is slack

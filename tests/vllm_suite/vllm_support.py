@@ -6,11 +6,23 @@ import os
 import psutil
 
 ENGINE_TITLES = ("VLLM::EngineCore", "VLLM::Worker")   # the titles vLLM gives its engine core and worker
+SPAWNED = "from multiprocessing.spawn import spawn_main"   # a spawned child's command line, before any title
 
 
 def title(process: psutil.Process) -> str:
     """The process's title (Ray and vLLM rewrite argv: "ray::ServeReplica:...", "VLLM::Worker")."""
     return " ".join(process.cmdline()).strip()
+
+
+def is_engine(process: psutil.Process) -> bool:
+    """Whether `process` is one of vLLM's engine processes (its engine core or model worker): vLLM
+    titles them, and on CPU it always starts them with multiprocessing's spawn. The title cannot be
+    relied on: setproctitle gives up, silently, in a process whose first environment entry was
+    rewritten before setproctitle was imported, and vLLM's imports (cv2, vllm.env_override) rewrite
+    LD_LIBRARY_PATH, so an engine whose environment lists LD_LIBRARY_PATH first keeps its spawn
+    command line for good (seen under Serve replicas: both processes, for the whole run)."""
+    name = title(process)
+    return name.startswith(ENGINE_TITLES) or SPAWNED in name
 
 
 def engine_processes(root: psutil.Process | None = None) -> list[psutil.Process]:
@@ -20,19 +32,11 @@ def engine_processes(root: psutil.Process | None = None) -> list[psutil.Process]
     found = []
     for process in (root or psutil.Process()).children(recursive=True):
         try:
-            if title(process).startswith(ENGINE_TITLES):
+            if is_engine(process):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
-
-
-SPAWNED = "from multiprocessing.spawn import spawn_main"   # a spawned child before it sets its title
-
-
-def ray_host(process: psutil.Process) -> str | None:
-    """The title of the nearest Ray worker above `process` ("ray::..."), None if there is none."""
-    return ray_ancestry(process)[0]
 
 
 def ray_ancestry(process: psutil.Process) -> tuple[str | None, int]:
