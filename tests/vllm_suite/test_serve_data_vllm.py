@@ -36,7 +36,7 @@ from omnireel.config import GenerationRequest, normalized
 
 from batch_support import manifest_rows, read_parquet, write_manifest
 from test_render_vllm import LATENT_TOLERANCE
-from vllm_support import engine_processes, is_engine, ray_ancestry, thread_cpus, title
+from vllm_support import engine_processes, ray_ancestry, thread_cpus, title
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -82,7 +82,7 @@ class EngineWatch(threading.Thread):
     multiprocessing (vLLM's engine core, a child of the worker, and its model worker, a grandchild):
     pid -> Engine (its process, its title, the Ray worker above it and how many levels up, the CPU
     sets its threads may run on, gathered over every sample). A process is seen from its start,
-    before vLLM titles it (VLLM::EngineCore, VLLM::Worker) or if it never does (see is_engine)."""
+    before vLLM titles it (VLLM::EngineCore, VLLM::Worker) or if it never does (see vllm_support.is_engine)."""
 
     @dataclass
     class Engine:
@@ -101,10 +101,8 @@ class EngineWatch(threading.Thread):
         self.samples, self.errors = 0, []
 
     def sample(self) -> None:
-        for process in psutil.Process().children(recursive=True):
+        for process in engine_processes():
             try:
-                if not is_engine(process):
-                    continue
                 name = title(process)
                 host, depth = ray_ancestry(process)
                 if host is None:                 # an engine of this process (LocalEngine), not a driver's
@@ -233,7 +231,7 @@ Placed = list[tuple[int, psutil.Process]]   # (levels below the replica: 1 the e
 
 def replica_engines() -> dict[str, Placed]:
     """The live vLLM engine processes under Serve replicas: deployment name -> where each sits.
-    Told apart by place, not by title: vLLM's titles may never appear (see is_engine)."""
+    Told apart by place, not by title: vLLM's titles may never appear (see vllm_support.is_engine)."""
     found: dict[str, Placed] = {}
     for process in engine_processes():
         try:
