@@ -167,6 +167,27 @@ def serve_command(args) -> None:
     run(args)
 
 
+def train_command(args) -> None:
+    import torch
+
+    from .training.recipe import recipe
+    from .training.trainer import Trainer
+    try:
+        chosen = recipe(args.recipe)
+    except ValueError as e:
+        fail(f"--recipe: {e}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device: {args.device} asked for, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(chosen, args.out, device=args.device, quiet=args.quiet)
+    if not args.quiet and (trainer.stage != "vae" or trainer.step):
+        print(f"resuming {args.out} at stage {trainer.stage}, step {trainer.step}")
+    result = trainer.run(stop_after=args.stop_after, max_minutes=args.max_minutes)
+    latest = trainer.latest_checkpoint()
+    print(f"{args.out}: stage {result['stage']}, step {result['step']}; latest checkpoint: {latest or 'none yet'}")
+
+
 def add_backbone_bench_arguments(parser) -> None:
     """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py."""
     parser.add_argument("--preset", default="small", help="model preset (tiny, small, wan14b)")
@@ -271,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     s.add_argument("--non-blocking", action="store_true", help="return once the app is running")
     s.set_defaults(func=serve_command)
+
+    t = sub.add_parser("train", help="train the demo model on generated scenes (VAE, audio codec, backbone); resumable")
+    t.add_argument("--recipe", default="demo", help="training recipe: demo (the shipped checkpoint) or tiny (tests)")
+    t.add_argument("--out", default="runs/demo", help="run folder: training state, log.jsonl, checkpoints/ (resumed if present)")
+    t.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--max-minutes", type=float, help="stop (saving the state) after this many minutes")
+    t.add_argument("--stop-after", type=int, help="stop (saving the state) after this many optimizer steps")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=train_command)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="target", required=True)
