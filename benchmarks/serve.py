@@ -68,7 +68,7 @@ def stage_by_stage(engine, request, repeats: int) -> dict[str, tuple[float, floa
     seconds of the same stage in this process), on LocalEngine's payloads for `request`."""
     from ray import serve
 
-    from omnireel.deployments.app import APP_NAME, STAGE_DEPLOYMENTS
+    from omnireel.deployments.app import APP_NAME
     from omnireel.deployments.stage_replica import NO_JOB
     from omnireel.stages import STAGE_GRAPH, run_stage
 
@@ -77,9 +77,9 @@ def stage_by_stage(engine, request, repeats: int) -> dict[str, tuple[float, floa
         values[stage.output] = run_stage(stage, engine.components, values)
     out = {}
     for stage in STAGE_GRAPH:
-        if stage.name not in STAGE_DEPLOYMENTS:
+        if not stage.deployment:            # runs in the JobRunner
             continue
-        handle = serve.get_deployment_handle(STAGE_DEPLOYMENTS[stage.name].name, APP_NAME)
+        handle = serve.get_deployment_handle(stage.deployment, APP_NAME)
         inputs = [values[name] for name in stage.inputs]
         served, local = [], []
         for _ in range(repeats):            # interleaved, like the jobs

@@ -32,8 +32,8 @@ from .jobs import JobRunner, JobStore
 
 APP_NAME = "omnireel"
 CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
-STAGE_DEPLOYMENTS = {"encode_text": TextEncoder, "encode_voice": VoiceEncoder, "encode_media": MediaEncoder,
-                     "denoise": Backbone, "decode_video": VideoDecoder, "decode_audio": AudioDecoder}
+STAGE_DEPLOYMENTS = {cls.name: cls for cls in (TextEncoder, VoiceEncoder, MediaEncoder, Backbone, VideoDecoder,
+                                                   AudioDecoder)}   # by name: each stage's `deployment`
 DEPLOYMENTS = (Ingress, JobStore, JobRunner, *STAGE_DEPLOYMENTS.values())
 LOCAL_CPUS = {"replica_cpus": 0.2, "cpus_per_rank": 0.2, "control_cpus": 0.05}   # `omnireel serve` on one machine
 
@@ -43,26 +43,32 @@ def build_app(args: dict | AppArgs):
     args = AppArgs.model_validate(args if isinstance(args, dict) else args.model_dump()).resolved()
     control = {"num_cpus": args.control_cpus}
     store = JobStore.options(ray_actor_options=control).bind(args)
-    stages = {}
+    stages = {}                                   # stage name -> the bound deployment that runs it
+    bound = {}                                    # deployment name -> bound deployment
     for stage in STAGE_GRAPH:
-        deployment = STAGE_DEPLOYMENTS.get(stage.name)
-        if deployment is None:                    # no model (mux): runs in the JobRunner
+        if not stage.deployment:                  # no model (mux): runs in the JobRunner
             continue
-        if deployment is Backbone:
-            host = host_resources(args.tp, args.use_gpu, args.cpus_per_rank, args.replica_cpus)
-            group = {} if args.tp == 1 else {     # rank actors in the replica's own bundles, its CPUs in bundle 0
-                "placement_group_bundles": BackboneGroup.bundles(args.tp, args.use_gpu, args.cpus_per_rank,
-                                                                 host={"CPU": args.replica_cpus}),
-                "placement_group_strategy": "STRICT_PACK"}
-            stages[stage.name] = Backbone.options(ray_actor_options=host, **group).bind(args, store)
-        else:
-            gpus = 1 if args.use_gpu and stage.resources.get("GPU") else 0
-            stages[stage.name] = deployment.options(
-                ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpus}).bind(args)
+        if stage.deployment not in bound:
+            bound[stage.deployment] = bind_stage_deployment(STAGE_DEPLOYMENTS[stage.deployment], stage, args, store)
+        stages[stage.name] = bound[stage.deployment]
     runner = JobRunner.options(ray_actor_options=control, max_ongoing_requests=args.runner_max_ongoing,
                                max_queued_requests=args.runner_max_queued).bind(args, store, stages)
     return Ingress.options(ray_actor_options=control, max_ongoing_requests=args.ingress_max_ongoing,
                            max_queued_requests=args.ingress_max_queued).bind(args, store, runner, stages)
+
+
+def bind_stage_deployment(deployment, stage, args: AppArgs, store):
+    """One stage deployment with its resources: the backbone host takes the rank's resources at tp=1
+    and, above, a placement group of one bundle per rank (its own CPUs joined to bundle 0)."""
+    if stage.on_backbone:
+        host = host_resources(args.tp, args.use_gpu, args.cpus_per_rank, args.replica_cpus)
+        group = {} if args.tp == 1 else {
+            "placement_group_bundles": BackboneGroup.bundles(args.tp, args.use_gpu, args.cpus_per_rank,
+                                                             host={"CPU": args.replica_cpus}),
+            "placement_group_strategy": "STRICT_PACK"}
+        return deployment.options(ray_actor_options=host, **group).bind(args, store)
+    gpus = 1 if args.use_gpu and stage.resources.get("GPU") else 0
+    return deployment.options(ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpus}).bind(args)
 
 
 # ---- the Serve config YAML -------------------------------------------------------------------------

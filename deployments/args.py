@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -18,6 +18,8 @@ class AppArgs(BaseModel):
     tp: int = Field(1, ge=1, description="tensor-parallel degree of each Backbone replica")
     use_gpu: bool = Field(False, description="ranks and GPU stages take a GPU each")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per replica and per rank")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(None, description=(
+        "float type of the model components (None: as stored; bfloat16 on GPUs)"))
     stage_threads: dict[str, int] = Field(default_factory=dict, description=(
         "torch threads of one stage's replicas, over `threads` (e.g. {decode_audio: 1}: it runs beside "
         "the video decoder, and two decoders of `threads` each oversubscribe a small node)"))

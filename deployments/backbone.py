@@ -1,4 +1,4 @@
-"""The Backbone deployment: the `denoise` stage on the replica's backbone host (parallel/inprocess.py
+"""The Backbone deployment: the backbone stage (the denoise engine) on the replica's backbone host (parallel/inprocess.py
 `open_backbone`): at tp=1 the replica runs the backbone itself; above, a BackboneGroup of TP rank actors.
 
 Above tp=1 each replica owns its group: the replica is declared with `placement_group_bundles` (one bundle
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from ray import serve
 from ray.util import get_current_placement_group
@@ -24,10 +23,11 @@ from omnireel.checkpoint import read_config
 from omnireel.parallel.group import RankFailure
 from omnireel.parallel.inprocess import open_backbone
 
-from .stage_replica import DRIVER, NO_JOB, STAGES, JobTicket, compute_thread, warmup_values
+from omnireel.stages import BACKBONE_STAGE
+
+from .stage_replica import DRIVER, NO_JOB, JobTicket, compute_thread, timed_call, warmup_values
 
 logger = logging.getLogger("ray.serve")
-DENOISE = STAGES["denoise"]
 PROGRESS_REPORT_TIMEOUT_S = 10.0
 
 
@@ -77,30 +77,27 @@ class JobSignals:
 class Backbone:
     def __init__(self, args, store):
         self.store = store
-        self.compute = compute_thread(args, [DENOISE.name])   # runs the backbone at tp=1, drives the group above
+        self.compute = compute_thread(args, [BACKBONE_STAGE.name])   # runs the backbone at tp=1, drives the group above
         self.host = self.compute.run(open_backbone, args.checkpoint, args.tp, get_current_placement_group(),
                                      use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
-                                     threads=self.compute.threads, niceness=args.compute_niceness)
+                                     threads=self.compute.threads, dtype=args.dtype, niceness=args.compute_niceness)
         values = warmup_values(read_config(args.checkpoint))
-        self.compute.run(self.host.denoise, *[values[name] for name in DENOISE.inputs])
+        self.compute.run(self.host.denoise, *[values[name] for name in BACKBONE_STAGE.inputs])
 
     async def run(self, stage_name: str, ticket: JobTicket, *inputs):
-        """The denoise stage: (plan, text, voice, media) -> GeneratedLatents, on the backbone host."""
-        if stage_name != DENOISE.name:
+        """The backbone stage: (plan, text, voice, media) -> GeneratedLatents, on the backbone host."""
+        if stage_name != BACKBONE_STAGE.name:
             raise ValueError(f"Backbone does not run stage {stage_name!r}")
         signals = JobSignals(self.store, ticket, asyncio.get_running_loop())
-        start = time.perf_counter()
         try:
-            latents = await self.compute.call(self.host.denoise, *inputs, progress=signals.progress,
-                                              should_stop=signals.should_stop)
+            return await timed_call(self.compute, BACKBONE_STAGE, self.host.denoise, *inputs,
+                                    progress=signals.progress, should_stop=signals.should_stop)
         except RankFailure:
             await self.compute.call(self.host.rebuild)   # a fresh set of ranks for the next job
             raise
         except asyncio.CancelledError:   # the caller gave up: stop at the next step
             signals.stop = True
             raise
-        metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=DENOISE.name, driver=DRIVER)
-        return latents
 
     async def ready(self) -> bool:
         return True

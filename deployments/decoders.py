@@ -1,5 +1,5 @@
 """The decoder deployments: latents -> encoded streams (H.264 MP4 or PNG; AAC), never raw frames,
-so only compressed bytes travel on to the JobRunner. Each runs one stage (see stage_replica.py)."""
+so only compressed bytes travel on to the JobRunner. Each runs the stages STAGE_GRAPH places on it (see stage_replica.py)."""
 from __future__ import annotations
 
 from ray import serve
@@ -9,9 +9,9 @@ from .stage_replica import StageReplica
 
 @serve.deployment
 class VideoDecoder(StageReplica):
-    stage_names = ("decode_video",)
+    """Video latents -> an H.264 MP4 (or a PNG)."""
 
 
 @serve.deployment
 class AudioDecoder(StageReplica):
-    stage_names = ("decode_audio",)
+    """Audio latents -> an AAC stream."""

@@ -1,5 +1,5 @@
 """The encoder deployments: captions -> text embeddings, bound voices -> speaker embeddings, and
-reference media -> clean latents. Each runs one stage of the core's graph (see stage_replica.py)."""
+reference media -> clean latents. Each runs the stages STAGE_GRAPH places on it (see stage_replica.py)."""
 from __future__ import annotations
 
 from ray import serve
@@ -9,14 +9,14 @@ from .stage_replica import StageReplica
 
 @serve.deployment
 class TextEncoder(StageReplica):
-    stage_names = ("encode_text",)
+    """Captions and character names -> text embeddings."""
 
 
 @serve.deployment
 class VoiceEncoder(StageReplica):
-    stage_names = ("encode_voice",)
+    """Bound voices -> speaker embeddings, from the voice registry."""
 
 
 @serve.deployment
 class MediaEncoder(StageReplica):
-    stage_names = ("encode_media",)
+    """Reference images, input video and audio -> clean latents."""

@@ -41,7 +41,7 @@ from omnireel.config import parse_request
 from omnireel.model.sampler import Cancelled
 from omnireel.parallel.group import RankFailure
 from omnireel.plan import plan_request
-from omnireel.stages import STAGE_GRAPH, run_stage
+from omnireel.stages import STAGE_GRAPH, run_graph, run_stage
 
 from .request_parsing import reference_policy
 from .stage_replica import DRIVER, NO_JOB, JobTicket
@@ -532,37 +532,40 @@ class JobRunner:
         return artifact_uri
 
     async def _chain(self, ticket: JobTicket, plan, until: str | None = None):
-        """STAGE_GRAPH over the handles, up to the stage producing `until` (default: the last);
-        returns that payload. Only what a local stage or the caller needs is fetched here."""
+        """STAGE_GRAPH over the handles (the core's run_graph), up to the stage producing `until`
+        (default: the last); returns that payload. A stage with a deployment is a DeploymentResponse
+        chained into the next calls; one without (mux: no model) is a task here that awaits its
+        inputs. Only what a local stage or the caller needs is fetched here."""
         until = until or STAGE_GRAPH[-1].output
-        values: dict = {"plan": plan}
         calls: list[DeploymentResponse] = []
+        here: list[asyncio.Task] = []
+
+        def call(stage, inputs):
+            if stage.name in self.stages:
+                calls.append(self.stages[stage.name].run.remote(stage.name, ticket, *inputs))
+                return calls[-1]
+            here.append(asyncio.ensure_future(self._run_here(stage, inputs, calls)))
+            return here[-1]
+
         try:
-            for stage in STAGE_GRAPH:
-                inputs = [values[name] for name in stage.inputs]
-                if stage.name in self.stages:
-                    values[stage.output] = self.stages[stage.name].run.remote(stage.name, ticket, *inputs)
-                    calls.append(values[stage.output])
-                else:
-                    for name in stage.inputs:
-                        if isinstance(values[name], DeploymentResponse):
-                            values[name] = await root_cause(values[name], calls)
-                    start = time.perf_counter()
-                    values[stage.output] = await asyncio.to_thread(
-                        run_stage, stage, {}, {name: values[name] for name in stage.inputs})
-                    metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage.name,
-                                   driver=DRIVER)
-                if stage.output == until:
-                    break
-            value = values[until]
-            return await root_cause(value, calls) if isinstance(value, DeploymentResponse) else value
+            value = run_graph(STAGE_GRAPH, {"plan": plan}, call, until=until)[until]
+            return await (root_cause(value, calls) if isinstance(value, DeploymentResponse) else value)
         except BaseException:
-            for call in calls:
+            for pending in [*calls, *here]:
                 try:
-                    call.cancel()
+                    pending.cancel()
                 except Exception:          # cancelling a call that already failed raises its error
                     pass
             raise
+
+    async def _run_here(self, stage, inputs: list, calls: list[DeploymentResponse]):
+        """A stage without a deployment, in this replica, once its inputs have arrived."""
+        values = {name: await root_cause(v, calls) if isinstance(v, DeploymentResponse) else v
+                  for name, v in zip(stage.inputs, inputs)}
+        start = time.perf_counter()
+        output = await asyncio.to_thread(run_stage, stage, {}, values)
+        metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage.name, driver=DRIVER)
+        return output
 
     async def _tell_store(self, method: str, *args, patience_s: float = 120.0):
         """Calls a JobStore transition, riding out a store restart (transitions are idempotent)."""

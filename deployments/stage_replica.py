@@ -19,10 +19,8 @@ import torch
 from omnireel import metrics
 from omnireel.checkpoint import read_config
 from omnireel.compute import ComputeThread
-from omnireel.config import GenerationRequest
-from omnireel.plan import plan_request
-from omnireel.stages import (STAGE_GRAPH, GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings,
-                             close_components, load_components, run_stage)
+from omnireel.families import get_family
+from omnireel.stages import STAGE_GRAPH, close_components, load_components, run_stage
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 DRIVER = "serve"   # the `driver` label of every metric recorded by the Serve app
@@ -38,19 +36,22 @@ NO_JOB = JobTicket("", 0)   # warm-up and parity calls: nothing to report to
 
 
 def warmup_values(config) -> dict:
-    """A placeholder for every payload of the graph, shaped for the smallest request (one frame,
-    32x32, one step), so each replica can run its stages once before it reports ready."""
-    plan = plan_request(GenerationRequest(prompt="warm-up", size="32x32", fps=8, seconds=0.125, steps=1), config)
-    backbone, latent_channels = config.backbone, config.vae.latent_channels
-    return {
-        "plan": plan,
-        "text": TextEmbeddings([torch.zeros(4, backbone.text_dim) for _ in plan.captions]),
-        "voice": VoiceEmbeddings(torch.zeros(0, backbone.speaker_dim)),
-        "media": MediaLatents(torch.zeros(0, latent_channels, plan.latent_height, plan.latent_width)),
-        "latents": GeneratedLatents(
-            video=torch.zeros(backbone.video_channels, plan.latent_frames, plan.latent_height, plan.latent_width),
-            audio=torch.zeros(backbone.audio_channels, plan.audio_frames)),
-    }
+    """A placeholder for every payload of the graph for the smallest request the checkpoint's family
+    serves, so each replica can run its stages once before it reports ready."""
+    return get_family(config.family).warmup_values(config)
+
+
+def deployment_stages(deployment: str) -> tuple:
+    """The stages of STAGE_GRAPH that the deployment named `deployment` runs."""
+    return tuple(stage for stage in STAGE_GRAPH if stage.deployment == deployment)
+
+
+async def timed_call(compute: ComputeThread, stage, fn, *args, **kwargs):
+    """`fn(*args)` on the compute thread, its seconds recorded as the stage's (driver "serve")."""
+    start = time.perf_counter()
+    output = await compute.call(fn, *args, **kwargs)
+    metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage.name, driver=DRIVER)
+    return output
 
 
 def compute_thread(args, stage_names) -> ComputeThread:
@@ -59,17 +60,17 @@ def compute_thread(args, stage_names) -> ComputeThread:
 
 
 class StageReplica:
-    """Loads only the components its stages need, warms them up, then runs stage calls."""
-
-    stage_names: tuple[str, ...] = ()
+    """Loads only the components its stages need, warms them up, then runs stage calls. A subclass
+    is the deployment named by its stages' `deployment` in STAGE_GRAPH (its class name)."""
 
     def __init__(self, args):
-        self.compute = compute_thread(args, self.stage_names)
+        self.stages = deployment_stages(type(self).__name__)
+        self.compute = compute_thread(args, [stage.name for stage in self.stages])
         self.config = read_config(args.checkpoint)
-        self.stages = [STAGES[name] for name in self.stage_names]
         needed = {stage.component for stage in self.stages if stage.component}
         device = "cuda" if ray.get_gpu_ids() else "cpu"          # a GPU stage got one (use_gpu)
-        self.components = self.compute.run(load_components, args.checkpoint, needed, device, voices=args.voices_uri)
+        self.components = self.compute.run(load_components, args.checkpoint, needed, device, voices=args.voices_uri,
+                                           dtype=args.dtype)
         values = warmup_values(self.config)
         for stage in self.stages:
             self.compute.run(run_stage, stage, self.components, values)
@@ -78,10 +79,7 @@ class StageReplica:
         stage = STAGES[stage_name]
         if stage not in self.stages:
             raise ValueError(f"{type(self).__name__} does not run stage {stage_name!r}")
-        start = time.perf_counter()
-        output = await self.compute.call(run_stage, stage, self.components, dict(zip(stage.inputs, inputs)))
-        metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage_name, driver=DRIVER)
-        return output
+        return await timed_call(self.compute, stage, run_stage, stage, self.components, dict(zip(stage.inputs, inputs)))
 
     async def ready(self) -> bool:
         return True

@@ -10,7 +10,7 @@
       -> decode pool   (actors: the stages after denoise, then the artifact and its sidecar, each atomic)
       -> driver: results.parquet (from the sidecars), errors.parquet, metrics, the Pushgateway
 
-The pools are STAGE_GRAPH cut around the denoise stage; each runs its stages with run_stage, and rows
+The pools are STAGE_GRAPH cut by each stage's `pool`; each runs its stages with run_graph, and rows
 cross pools through the one converter in rows.py. A row failing in a stage leaves with `stage` and
 `message` set and the rest go on. Artifacts use the layout shared with online jobs
 (storage.artifact_uri / sidecar_uri of config.request_key). A row is done iff its artifact and its
@@ -39,11 +39,11 @@ from omnireel import metrics, storage
 from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.compute import ComputeThread
 from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
+from omnireel.families import family_of
 from omnireel.parallel.group import BackboneGroup, RankFailure
 from omnireel.parallel.inprocess import host_resources, open_backbone
-from omnireel.parallel.tp import check_tp_degree
 from omnireel.plan import artifact_extension, plan_request
-from omnireel.stages import STAGE_GRAPH, Stage, close_components, load_components, run_stage
+from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
 from omnireel.voices import default_voice_prefix
 
 from . import rows
@@ -98,9 +98,11 @@ class BatchSummary:
 # ---- the stage graph, cut into pools ---------------------------------------------------------
 
 def graph_pools(graph: tuple[Stage, ...] = STAGE_GRAPH) -> dict[str, tuple[Stage, ...]]:
-    """STAGE_GRAPH cut around the denoise stage: encode (before it), denoise, decode (after it)."""
-    i = [stage.name for stage in graph].index("denoise")
-    return {"encode": graph[:i], "denoise": graph[i:i + 1], "decode": graph[i + 1:]}
+    """STAGE_GRAPH cut into its stages' `pool`s, in graph order (encode, denoise, decode)."""
+    pools: dict[str, tuple[Stage, ...]] = {}
+    for stage in graph:
+        pools[stage.pool] = (*pools.get(stage.pool, ()), stage)
+    return pools
 
 
 POOLS = graph_pools()
@@ -113,6 +115,10 @@ def carried(pool: str | None) -> tuple[str, ...]:
     made = {stage.output for p in names[:k + 1] for stage in POOLS[p]}
     used = {name for p in names[k + 1:] for stage in POOLS[p] for name in stage.inputs}
     return tuple(sorted(made & used))
+
+
+class StopRow(Exception):
+    """A row's stage failed: the row leaves the pool with the stage's name and message."""
 
 
 def one_line(exc: BaseException, limit: int = 500) -> str:
@@ -156,20 +162,28 @@ class StagePool:
             return row
         request = GenerationRequest.model_validate_json(row["request"])
         values = {"request": request, "plan": plan_request(request, self.config), **rows.from_row(row, self.needs)}
-        timings = json.loads(row["timings"])
-        for stage in self.stages:
-            started, start = time.time(), time.perf_counter()
-            try:
-                values[stage.output] = self.call(stage, values, row)
-            except Exception as exc:
-                return {**row, "stage": stage.name, "message": one_line(exc)}
-            timings[stage.name] = time.perf_counter() - start
-            metrics.record("omnireel_stage_seconds", timings[stage.name], stage=stage.name, driver=DRIVER)
-            if stage.name == "denoise":
-                row = {**row, "denoise_start": started, "denoise_end": started + timings[stage.name]}
-        return self.finish({**row, "timings": json.dumps(timings)}, values)
+        timings = StageTimings(DRIVER)
+        failed: dict = {}
 
-    def call(self, stage: Stage, values: dict, row: dict):
+        def call(stage, inputs):
+            started = time.time()
+            try:
+                output = self.call(stage, dict(zip(stage.inputs, inputs)))
+            except Exception as exc:
+                failed.update(stage=stage.name, message=one_line(exc))
+                raise StopRow from None
+            if stage.on_backbone:
+                row.update(denoise_start=started, denoise_end=time.time())
+            return output
+
+        row = dict(row)
+        try:
+            run_graph(self.stages, values, call, hooks=[timings])
+        except StopRow:
+            return {**row, **failed}
+        return self.finish({**row, "timings": json.dumps({**json.loads(row["timings"]), **timings.seconds})}, values)
+
+    def call(self, stage: Stage, values: dict):
         return run_stage(stage, self.components, values)
 
     def finish(self, row: dict, values: dict) -> dict:
@@ -204,7 +218,7 @@ class DenoisePool(StagePool):
             host.shutdown()
         super().__del__()
 
-    def call(self, stage, values, row):
+    def call(self, stage, values):
         try:
             latents = self.host.denoise(*(values[name] for name in stage.inputs))   # the stage's contract
         except RankFailure:
@@ -446,7 +460,7 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
     options = options or BatchOptions()
     checkpoint = str(checkpoint or default_checkpoint())
     config, digest = read_config(checkpoint), read_digest(checkpoint)
-    check_tp_degree(config.backbone, options.tp)
+    family_of(checkpoint).check_tp(config, options.tp)
 
     check_manifest(manifest)
     checked = read_checked(manifest, out, config, digest, options)
@@ -531,7 +545,7 @@ def command(args) -> None:
     except (FileNotFoundError, ValueError) as e:
         fail(f"--checkpoint: {e}", code=1)
     try:
-        check_tp_degree(config.backbone, options.tp)
+        family_of(checkpoint).check_tp(config, options.tp)
     except ValueError as e:
         fail(f"--tp: {e}")
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-import typing
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,7 @@ from safetensors.torch import load, save
 from omnireel.stages import STAGE_GRAPH
 
 # A payload column's name is the payload's name in STAGE_GRAPH; its type the stage's return type.
-PAYLOAD_TYPES: dict[str, type] = {stage.output: typing.get_type_hints(stage.fn)["return"] for stage in STAGE_GRAPH}
+PAYLOAD_TYPES: dict[str, type] = {stage.output: stage.output_type for stage in STAGE_GRAPH}
 
 BASE = pa.schema([
     ("row", pa.int64()),              # position in the manifest (after --limit), from 0

@@ -12,7 +12,8 @@ from omnireel.cli import main as cli_main
 from omnireel.config import TRUSTED, GenerationRequest, parse_request, request_error_message
 from omnireel.model.layout import AUDIO_SIGMA, CLEAN, VIDEO_SIGMA, build_layout
 from omnireel.plan import plan_request
-from omnireel.stages import STAGE_GRAPH, denoise_layout_spec, run_stage
+from omnireel.families.omni import denoise_layout_spec
+from omnireel.stages import STAGE_GRAPH, run_stage
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 BASE = dict(prompt="waves roll onto a beach", size="32x32", fps=8, steps=3, seed=4)

@@ -19,7 +19,8 @@ from omnireel.model.config import MODALITY_ID
 from omnireel.model.layout import CLEAN, VIDEO_SIGMA, build_layout
 from omnireel.plan import plan_request
 from omnireel.references import MediaReferenceError, load_frames, read_reference
-from omnireel.stages import STAGE_GRAPH, denoise_layout_spec, run_stage
+from omnireel.families.omni import denoise_layout_spec
+from omnireel.stages import STAGE_GRAPH, run_stage
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 
@@ -59,7 +60,7 @@ def test_elements_become_clean_ref_tokens_that_every_shot_sees(tiny_engine, tmp_
     assert refs.shape == (2, 4, 6, 8)
     with torch.no_grad():                                                    # the VAE's encoding of the picture
         pixels = torch.from_numpy(load_frames(red, 64, 48, 1)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        assert torch.allclose(refs[0], tiny_engine.model.vae.encode(pixels)[0, :, 0], atol=1e-5)
+        assert torch.allclose(refs[0], tiny_engine.components["vae"].encode(pixels)[0, :, 0], atol=1e-5)
     assert not torch.allclose(refs[0], refs[1])
     plan = values["plan"]
     layout = build_layout(denoise_layout_spec(plan, values["text"], values["voice"], values["media"]),

@@ -15,7 +15,8 @@ from omnireel.model.config import MODALITY_ID
 from omnireel.model.layout import AUDIO_LATENT_RATE, build_layout
 from omnireel.physics import body_cover, motion_conditioning, simulate, warp_noise
 from omnireel.plan import plan_request
-from omnireel.stages import STAGE_GRAPH, denoise_layout_spec, initial_noise, run_stage
+from omnireel.families.omni import denoise_layout_spec, initial_noise
+from omnireel.stages import STAGE_GRAPH, run_stage
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 SIZE, FPS = 256, 24

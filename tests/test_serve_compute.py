@@ -11,7 +11,8 @@ import ray
 import torch
 
 from omnireel.compute import compute_threads
-from omnireel.deployments.app import STAGE_DEPLOYMENTS, load_serve_config
+from omnireel.deployments.app import load_serve_config
+from omnireel.stages import STAGE_GRAPH
 
 from serve_support import ARGS, create, serve_actor, wait_done
 
@@ -33,8 +34,10 @@ def test_stage_replicas_compute_on_their_own_threads_at_the_compute_nice_value(s
         assert wait_done(http, video["id"])["status"] == "completed"
     niceness, stage_threads = CONFIG_ARGS["compute_niceness"], CONFIG_ARGS["stage_threads"]
     assert niceness == 0 and stage_threads == {"decode_audio": 1}
-    for stage, deployment in STAGE_DEPLOYMENTS.items():
-        process_nice, compute, torch_threads = replica_threads(deployment.name)
-        assert compute and set(compute.values()) == {niceness}, (deployment.name, compute)
-        assert process_nice != niceness, deployment.name          # Ray's and Serve's threads stay as Ray set them
-        assert torch_threads == stage_threads.get(stage, ARGS["threads"]), deployment.name
+    for stage in STAGE_GRAPH:
+        if not stage.deployment:
+            continue
+        process_nice, compute, torch_threads = replica_threads(stage.deployment)
+        assert compute and set(compute.values()) == {niceness}, (stage.deployment, compute)
+        assert process_nice != niceness, stage.deployment          # Ray's and Serve's threads stay as Ray set them
+        assert torch_threads == stage_threads.get(stage.name, ARGS["threads"]), stage.deployment

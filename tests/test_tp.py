@@ -15,6 +15,7 @@ from omnireel.model.backbone import OmniBackbone
 from omnireel.model.config import preset
 from omnireel.parallel.tp import check_tp_degree
 from omnireel.plan import plan_request
+from omnireel.families.omni import OmniDenoiser
 from omnireel.stages import MediaLatents, TextEmbeddings, VoiceEmbeddings, denoise
 
 TP = 2
@@ -67,8 +68,8 @@ def tp_rank(rank: int, checkpoint: str, store: str, out: str) -> None:
                     dim = p.placements[0].dim
                     expected = full.get_tensor(f"backbone.{name}").chunk(TP, dim)[rank]
                     shards[name] = torch.equal(p.to_local(), expected)
-        latents = denoise(backbone, *denoise_inputs(read_config(checkpoint)))
-        image = denoise(backbone, *denoise_inputs(read_config(checkpoint), image=True))
+        latents = denoise(OmniDenoiser(backbone), *denoise_inputs(read_config(checkpoint)))
+        image = denoise(OmniDenoiser(backbone), *denoise_inputs(read_config(checkpoint), image=True))
         torch.save({"video": latents.video, "audio": latents.audio, "image": image.video,
                     "bytes": resident_parameter_bytes(backbone), "shards": shards}, f"{out}/rank{rank}.pt")
         dist.barrier()   # neither rank tears the group down while the other still uses it
@@ -84,7 +85,7 @@ def tp2_run(tiny_checkpoint, tmp_path_factory):
 
 
 def test_tp2_equals_tp1_over_a_guided_denoising_loop(tiny_checkpoint, tp2_run):
-    backbone = load_checkpoint(tiny_checkpoint).backbone
+    backbone = OmniDenoiser(load_checkpoint(tiny_checkpoint).backbone)
     expected = denoise(backbone, *denoise_inputs(read_config(tiny_checkpoint)))
     video, audio = tp2_run[0]["video"], tp2_run[0]["audio"]
     assert video.shape == expected.video.shape and audio.shape == expected.audio.shape
@@ -94,7 +95,7 @@ def test_tp2_equals_tp1_over_a_guided_denoising_loop(tiny_checkpoint, tp2_run):
 
 
 def test_tp2_equals_tp1_for_an_image_which_has_no_audio_tokens(tiny_checkpoint, tp2_run):
-    backbone = load_checkpoint(tiny_checkpoint).backbone
+    backbone = OmniDenoiser(load_checkpoint(tiny_checkpoint).backbone)
     expected = denoise(backbone, *denoise_inputs(read_config(tiny_checkpoint), image=True))
     assert expected.audio.numel() == 0
     assert (tp2_run[0]["image"] - expected.video).abs().max().item() <= 1e-5

@@ -9,7 +9,8 @@ from omnireel.model.layout import build_layout
 from omnireel.model.sampler import Guidance, sample
 from omnireel.model.training import TrainingExample, mean_loss, train
 from omnireel.plan import language_index
-from omnireel.stages import initial_noise
+from omnireel.checkpoint import load_checkpoint
+from omnireel.families.omni import initial_noise
 
 CAPTION = "a white ball bounces across a dark floor with a clicking sound"
 
@@ -35,7 +36,7 @@ def test_flow_matching_overfits_one_example(tiny_engine):
     engine = tiny_engine
     from omnireel.config import GenerationRequest
     plan = engine.plan(GenerationRequest(prompt=CAPTION, seconds=1.0, size="32x32", fps=9, steps=24))
-    model = engine.model
+    model = load_checkpoint(engine.checkpoint)          # the OmniModel the session engine loaded
     with torch.no_grad():
         video = model.vae.encode(synthetic_clip(1 + 4 * (plan.latent_frames - 1), 32))
         mel = MelSpectrogram(engine.config.audio)(synthetic_sound(plan.audio_frames * 960, 24000))

@@ -1,4 +1,5 @@
-"""Checkpoints on disk: one directory per checkpoint, written atomically.
+"""Checkpoints on disk. `read_config` / `read_digest` take a folder of any family (families/); the rest
+is the omni family's format: one directory per checkpoint, written atomically.
 
     config.json        {"format": 1, "model": ModelConfig.to_dict()}
     model.safetensors  the OmniModel state_dict
@@ -63,7 +64,19 @@ def save_checkpoint(model: nn.Module, config: ModelConfig, directory: str | os.P
     return digest
 
 
-def read_config(directory: str | os.PathLike) -> ModelConfig:
+def read_config(directory: str | os.PathLike):
+    """The config of a checkpoint folder of any family (families/); its `family` names the family."""
+    from .families import family_of
+    return family_of(directory).read_config(Path(directory))
+
+
+def read_digest(directory: str | os.PathLike) -> str:
+    """The digest of a checkpoint folder of any family: part of every artifact key."""
+    from .families import family_of
+    return family_of(directory).digest(Path(directory))
+
+
+def read_omni_config(directory: str | os.PathLike) -> ModelConfig:
     document = json.loads((Path(directory) / CONFIG_FILE).read_text())
     if document.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{Path(directory) / CONFIG_FILE}: format {document.get('format')!r} "
@@ -71,7 +84,7 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(document["model"])
 
 
-def read_digest(directory: str | os.PathLike) -> str:
+def read_omni_digest(directory: str | os.PathLike) -> str:
     return (Path(directory) / DIGEST_FILE).read_text().strip()
 
 
@@ -79,7 +92,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     """Builds the OmniModel of `directory`'s config on `device` and loads its weights strictly."""
     directory = Path(directory)
     with torch.device(device):
-        model = build_model(read_config(directory))
+        model = build_model(read_omni_config(directory))
     tensors = load_file(directory / WEIGHTS_FILE, device=str(device))
     check_state_dict(model.state_dict(), tensors, source=directory)
     model.load_state_dict(tensors, strict=True)
@@ -92,7 +105,7 @@ def load_parts(directory: str | os.PathLike, names, device: str | torch.device =
     from safetensors import safe_open
 
     directory = Path(directory)
-    config = read_config(directory)
+    config = read_omni_config(directory)
     parts = {}
     with safe_open(directory / WEIGHTS_FILE, framework="pt", device=str(device)) as weights:
         keys = list(weights.keys())
@@ -169,7 +182,7 @@ def load_backbone_shard(directory: str | os.PathLike, mesh, device: str | torch.
 
     directory = Path(directory)
     with torch.device("meta"):
-        backbone = OmniBackbone(read_config(directory).backbone)
+        backbone = OmniBackbone(read_omni_config(directory).backbone)
     if dtype is not None:
         backbone.to(dtype)                                  # still meta: costs nothing
     prefix = "backbone."                                    # the file holds the whole OmniModel

@@ -16,11 +16,10 @@ latents, input_audio -> clean audio, mode "audio" -> one clean blank video laten
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .config import GenerationRequest, Shot, canonical_json
-from .model.config import LANGUAGES, ModelConfig
+from .config import GenerationRequest, Shot
+from .model.config import LANGUAGES
 from .model.layout import LayoutSpec
 from .storyboard import StoryboardError, llm_unavailable, plan_shots_rules, plans_shots
 
@@ -82,6 +81,7 @@ class ScenePlan:
     input_video: str | None = None                 # video -> clean leading latent frames
     input_audio: str | None = None                 # audio -> clean audio tokens
     physics: str | None = None                     # the scene as canonical JSON
+    family: str = "omni"                           # the model family whose stages run this plan (families/)
 
     @property
     def artifact_extension(self) -> str:
@@ -135,53 +135,11 @@ def storyboard_shots(request: GenerationRequest) -> list[Shot]:
     return shots if len(shots) > 1 else []     # one shot: the request's prompt is its only caption
 
 
-def plan_request(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
-    vae, audio = config.vae, config.audio
-    image = request.output == "image"
-    audio_only = request.mode == "audio"
-    num_frames = 1 if image else round(request.seconds * request.fps)
-    latent_frames = 1 if audio_only else 1 + math.ceil((num_frames - 1) / vae.time_factor)
-    if (request.input_reference or request.input_video) and latent_frames < 2:
-        field = "input_reference" if request.input_reference else "input_video"
-        raise PlanError(field, f"needs a clip of at least 2 frames, to generate some after the given ones "
-                               f"(round(seconds * fps) = {num_frames})")
-    audio_samples = 0 if image else round(num_frames / request.fps * audio.sample_rate)
-    audio_frames = math.ceil(audio_samples / (audio.hop_length * audio.time_factor))
-
-    shots = storyboard_shots(request)
-    shot_seconds = [s.seconds for s in shots] or [request.seconds]
-    starts = [0] if image else shot_latent_starts(shot_seconds, request.fps, latent_frames)
-    ends = starts[1:] + [latent_frames]
-    shot_captions = [s.prompt if not s.camera else f"{s.prompt} (camera: {s.camera})" for s in shots]
-    if len(starts) == 1:   # one shot: a single global caption, no shot captions, no mask
-        captions = (" ".join([request.prompt, *shot_captions]),)
-        shot_captions = list(captions)
-    else:
-        captions = (request.prompt, *shot_captions)
-    shot_plans = tuple(
-        ShotPlan(index=i, caption=caption, latent_start=a, latent_end=b, frame_start=first_frame(a),
-                 frame_end=num_frames if b == latent_frames else first_frame(b),
-                 camera=shots[i].camera if len(shots) == len(starts) else None)
-        for i, (caption, a, b) in enumerate(zip(shot_captions, starts, ends)))
-    # mode "audio": the video stream is one clean blank latent of a single patch (it costs one token)
-    latent_height, latent_width = ((config.backbone.patch[1], config.backbone.patch[2]) if audio_only else
-                                   (request.height // vae.space_factor, request.width // vae.space_factor))
-
-    sampler = config.sampler
-    return ScenePlan(
-        output=request.output, captions=captions, language=request.language, seed=request.seed,
-        steps=request.steps or sampler.steps, shift=sampler.shift,
-        guidance_video=sampler.cfg_video if request.guidance_video is None else request.guidance_video,
-        guidance_audio=sampler.cfg_audio if request.guidance_audio is None else request.guidance_audio,
-        fps=request.fps, width=request.width, height=request.height, num_frames=num_frames,
-        latent_frames=latent_frames, latent_height=latent_height,
-        latent_width=latent_width, audio_samples=audio_samples,
-        audio_frames=audio_frames, shots=shot_plans,
-        mode=request.mode, voices=tuple((v.character, v.voice_id) for v in request.voices),
-        elements=tuple(request.elements), input_reference=request.input_reference,
-        input_video=request.input_video, input_audio=request.input_audio,
-        physics=None if request.physics is None else canonical_json(
-            request.physics.model_dump(mode="json")).decode())
+def plan_request(request: GenerationRequest, config) -> ScenePlan:
+    """The plan of `request` on a checkpoint with `config`, by its family's rules (families/):
+    PlanError naming the field for what that family cannot honor."""
+    from .families import get_family
+    return get_family(config.family).plan(request, config)
 
 
 def language_index(language: str) -> int:

@@ -1,31 +1,30 @@
-"""The pipeline stages as plain functions over typed payloads, and the stage graph declared once.
+"""The stage graph, declared once; the payloads between stages; the one executor that walks the graph;
+and the denoise engine (DESIGN.md §2, §3b).
 
-A stage never knows which driver runs it (DESIGN.md §2). Each stage takes its model component
-(or None) and its named inputs, and returns one payload. Drivers (LocalEngine, the Serve app, the
-Ray Data pipeline) only map `STAGE_GRAPH`; none re-codes the flow.
+A stage never knows which driver runs it. Each stage takes its model component (or None) and its
+named inputs, and returns one payload. Which function runs a stage is the model family's (families/):
+the ScenePlan names its family, so `run_stage` needs nothing else. The denoise stage is the same for
+every family: the engine loop below over the family's Denoiser (prepare / step / finish).
+
+Drivers (LocalEngine, the Serve app, the Ray Data pipeline) only map `STAGE_GRAPH` through
+`run_graph`, each with its own `call`; none re-codes the flow or names a stage: a stage's `deployment`
+and `pool` say where the Serve app and the batch pipeline place it.
 
 Payloads hold tensors, lists of tensors, bytes and plain JSON-able values only (pipelines/rows.py
-turns them into Arrow rows). The any-to-any choice is the per-token timestep rule: encode_media
-returns the clean parts (reference latents, leading video latents, audio latents) and denoise marks
-exactly those tokens clean; everything else is generated.
+turns them into Arrow rows).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
+import time
+
 import torch
 
 from . import media
-from .model.audio import LOG_FLOOR, AudioCodec, MelSpectrogram, Vocoder
-from .model.backbone import ConditionTokens, OmniBackbone
-from .model.config import ModelConfig
-from .model.layout import build_layout
-from .model.sampler import Guidance, sample
-from .model.text import mean_pool
-from .model.vae import VideoVAE
-from .plan import ScenePlan, language_index
+from .model.sampler import Cancelled
+from .plan import ScenePlan
 
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
@@ -75,180 +74,7 @@ class EncodedStream:
     media_type: str
 
 
-# ---- components ------------------------------------------------------------------------------
-
-@dataclass
-class MediaEncoder:
-    """Reference media -> clean latents: the video VAE's encoder and the audio codec's."""
-    vae: VideoVAE
-    codec: AudioCodec | None
-
-    @torch.inference_mode()
-    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (T, H, W, 3), T = 1 + 4k -> (C, 1 + k, H/8, W/8) latents."""
-        param = next(self.vae.parameters())
-        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].to(param.device, param.dtype)  # (1, 3, T, H, W)
-        return self.vae.encode(pixels / 127.5 - 1)[0].float().cpu()
-
-    @torch.inference_mode()
-    def encode_wave(self, wave: np.ndarray, audio_frames: int) -> torch.Tensor:
-        """float32 (S,) at the codec's rate -> (Ca, audio_frames) latents (silence pads a short wave)."""
-        cfg = self.codec.cfg
-        param = next(self.codec.parameters())
-        mel_frames = audio_frames * cfg.time_factor
-        wave = np.pad(wave[: mel_frames * cfg.hop_length], (0, max(0, mel_frames * cfg.hop_length - wave.shape[0])))
-        mel = MelSpectrogram(cfg).to(param.device)(torch.from_numpy(wave)[None].to(param.device))  # (1, M, mel_frames)
-        mel = torch.nn.functional.pad(mel, (0, mel_frames - mel.shape[-1]), value=float(np.log(LOG_FLOOR)))
-        return self.codec.encode(mel.to(param.dtype))[0].float().cpu()
-
-
-@dataclass
-class AudioDecoder:
-    """Audio latents -> waveform: the codec's decoder then the vocoder."""
-    codec: AudioCodec
-    vocoder: Vocoder
-
-    @torch.inference_mode()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, Ca, Ta) -> (B, samples)."""
-        return self.vocoder(self.codec.decode(latents))
-
-
-# ---- stages ----------------------------------------------------------------------------------
-
-def encode_text(text_encoder, plan: ScenePlan) -> TextEmbeddings:
-    """Captions, and the names of the characters bound to voices, in one batch."""
-    encoded = text_encoder.encode([*plan.captions, *plan.characters])
-    return TextEmbeddings(captions=encoded[:len(plan.captions)], characters=encoded[len(plan.captions):])
-
-
-def encode_voice(registry, plan: ScenePlan) -> VoiceEmbeddings:
-    """Speaker embeddings of the bound characters, read from the voice registry (voices.VoiceRegistry).
-    An id that is not (or no longer) there raises voices.VoiceNotFound naming the field."""
-    return VoiceEmbeddings(speakers=registry.embeddings([voice_id for _, voice_id in plan.voices]))
-
-
-def encode_media(encoder: MediaEncoder, plan: ScenePlan) -> MediaLatents:
-    """Elements -> clean ref latents; input_reference -> the clean first latent; input_video -> clean
-    leading latents (as many whole latents as it covers, leaving at least one to generate);
-    input_audio -> clean audio latents; mode "audio" -> one blank clean video latent; physics ->
-    the simulated scene's motion conditioning (physics.py)."""
-    from . import physics, references
-
-    channels = encoder.vae.cfg.latent_channels
-    factor = encoder.vae.cfg.time_factor
-
-    def frames_of(field: str, reference: str, max_frames: int, fps=None) -> np.ndarray:
-        try:
-            return references.load_frames(reference, plan.width, plan.height, max_frames, fps)
-        except references.MediaReferenceError as e:
-            raise references.MediaReferenceError(f"{field}: {e}") from None
-
-    refs = [encoder.encode_frames(frames_of(f"elements.{i}", uri, 1))[:, 0] for i, uri in enumerate(plan.elements)]
-    out = MediaLatents(refs=torch.stack(refs) if refs else torch.zeros(0, channels, plan.latent_height, plan.latent_width))
-    if plan.input_reference is not None:
-        out.video = encoder.encode_frames(frames_of("input_reference", plan.input_reference, 1))
-    elif plan.input_video is not None:
-        frames = frames_of("input_video", plan.input_video, plan.num_frames, fps=plan.fps)
-        latents = min(1 + (frames.shape[0] - 1) // factor, plan.latent_frames - 1)
-        out.video = encoder.encode_frames(frames[: 1 + factor * (latents - 1)])
-    elif plan.mode == "audio":
-        out.video = torch.zeros(channels, 1, plan.latent_height, plan.latent_width)
-    if plan.input_audio is not None:
-        if encoder.codec is None:
-            raise ValueError("input_audio: this media encoder has no audio codec")
-        try:
-            wave = references.load_audio(plan.input_audio, encoder.codec.cfg.sample_rate)
-        except references.MediaReferenceError as e:
-            raise references.MediaReferenceError(f"input_audio: {e}") from None
-        out.audio = encoder.encode_wave(wave, plan.audio_frames)
-    if plan.physics is not None:
-        motion = physics.plan_motion(plan)
-        out.flow, out.layer, out.tracks, out.track_cells = motion.flow, motion.layer, motion.tracks, motion.track_cells
-        out.collision_frames, out.audio_cues = list(motion.collision_frames), list(motion.audio_cues)
-    return out
-
-
-def initial_noise(plan: ScenePlan, video_channels: int, audio_channels: int, media_latents: MediaLatents | None = None):
-    """Seeded noise, drawn on the CPU in a fixed order so every driver and TP degree sees the same.
-    With a simulated scene, the video noise is carried along its flow (physics.warp_noise)."""
-    g = torch.Generator().manual_seed(plan.seed)
-    video = torch.randn(1, video_channels, plan.latent_frames, plan.latent_height, plan.latent_width, generator=g)
-    audio = torch.randn(1, audio_channels, plan.audio_frames, generator=g)
-    if media_latents is not None and media_latents.flow is not None:
-        from .physics import warp_noise
-        video = warp_noise(video[0], media_latents.flow, media_latents.layer)[None]
-    return video, audio
-
-
-def denoise_layout_spec(plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media_latents: MediaLatents):
-    """The token layout of one denoise call: which streams exist and which tokens are clean."""
-    m = media_latents
-    return plan.layout_spec(
-        text.lengths, voices=voice.speakers.shape[0], refs=m.refs.shape[0],
-        video_clean_frames=0 if m.video is None else m.video.shape[1], audio_clean=m.audio is not None,
-        tracks=0 if m.tracks is None else m.tracks.shape[0], audio_cues=tuple(m.audio_cues),
-        track_cells=() if m.track_cells is None else tuple(m.track_cells.flatten().tolist()))
-
-
-@torch.inference_mode()
-def denoise(backbone: OmniBackbone, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings,
-            media_latents: MediaLatents, progress: ProgressFn | None = None,
-            should_stop: StopFn | None = None) -> GeneratedLatents:
-    device = next(backbone.parameters()).device
-    dtype = next(backbone.parameters()).dtype
-    cfg = backbone.cfg
-    speakers = voice.speakers.reshape(voice.speakers.shape[0], cfg.speaker_dim)     # (V, speaker_dim)
-    m = media_latents
-    tracks = m.tracks if m.tracks is not None else torch.zeros(0, plan.latent_frames, cfg.track_dim)  # (N, T, f)
-    prep = backbone.prepare(build_layout(denoise_layout_spec(plan, text, voice, m), cfg), device)
-    names = None
-    if text.characters:   # each bound character's name, pooled: (V, text_dim)
-        names = torch.stack([mean_pool(c) for c in text.characters])[None].to(device, dtype)
-    cond = ConditionTokens(
-        captions=torch.cat(text.captions)[None].to(device, dtype),
-        language=torch.tensor([language_index(plan.language)], device=device),
-        voices=speakers[None].to(device, dtype),
-        refs=m.refs[None].to(device, dtype),
-        voice_names=names,
-        tracks=tracks.flatten(0, 1)[None].to(device, dtype))
-    video, audio = (x.to(device, dtype) for x in initial_noise(plan, cfg.video_channels, cfg.audio_channels, m))
-    if m.video is not None:                       # clean leading latents: they never move
-        video[:, :, :m.video.shape[1]] = m.video.to(device, dtype)
-    if m.audio is not None:
-        audio[:] = m.audio.to(device, dtype)
-    video, audio = sample(backbone, video, audio, cond, prep, steps=plan.steps, shift=plan.shift,
-                          guidance=Guidance(plan.guidance_video, plan.guidance_audio),
-                          progress=progress, should_stop=should_stop)
-    return GeneratedLatents(video=video[0].float().cpu(), audio=audio[0].float().cpu())
-
-
-@torch.inference_mode()
-def decode_video(vae: VideoVAE, plan: ScenePlan, latents: GeneratedLatents) -> EncodedStream:
-    if plan.mode == "audio":
-        return EncodedStream(b"", "video/none")
-    param = next(vae.parameters())
-    frames = vae.decode(latents.video[None].to(param.device, param.dtype))[0, :, :plan.num_frames]  # (3, T, H, W)
-    pixels = media.video_to_uint8(frames.float().cpu())                                               # (T, H, W, 3)
-    if plan.output == "image":
-        return EncodedStream(media.encode_png(pixels[0]), "image/png")
-    return EncodedStream(media.encode_video(pixels, plan.fps), "video/mp4")
-
-
-def decode_audio(audio_decoder: AudioDecoder, plan: ScenePlan, latents: GeneratedLatents) -> EncodedStream:
-    if plan.output == "image":
-        return EncodedStream(b"", "audio/none")
-    sample_rate = audio_decoder.codec.cfg.sample_rate
-    if plan.input_audio is not None:              # audio-driven: the given soundtrack, as given
-        from .references import load_audio
-        wave = load_audio(plan.input_audio, sample_rate)[:plan.audio_samples]
-        wave = np.pad(wave, (0, plan.audio_samples - wave.shape[0]))
-    else:
-        param = next(audio_decoder.codec.parameters())
-        wave = audio_decoder(latents.audio[None].to(param.device, param.dtype))[0, :plan.audio_samples]
-        wave = wave.float().cpu().numpy()
-    return EncodedStream(media.encode_audio(wave.astype(np.float32), sample_rate), "audio/mp4")
-
+# ---- the family-independent stage -------------------------------------------------------
 
 def mux(plan: ScenePlan, video: EncodedStream, audio: EncodedStream) -> EncodedStream:
     if plan.output == "image":
@@ -263,24 +89,36 @@ def mux(plan: ScenePlan, video: EncodedStream, audio: EncodedStream) -> EncodedS
 @dataclass(frozen=True)
 class Stage:
     name: str
-    fn: Callable
     component: str | None         # which component the stage runs on (None: no model)
-    inputs: tuple[str, ...]       # payload names, in fn's argument order after the component
+    inputs: tuple[str, ...]       # payload names, in the stage function's argument order after the component
     output: str
+    output_type: type
+    deployment: str               # the Serve deployment that runs it ("" : the JobRunner itself)
+    pool: str                     # the batch pipeline's actor pool that runs it
     resources: dict = field(default_factory=dict)   # what one replica / actor of the stage asks for
-    takes_hooks: bool = False     # accepts progress= and should_stop=
+    on_backbone: bool = False     # the denoise engine on a backbone host (takes progress= and should_stop=)
 
 
 STAGE_GRAPH: tuple[Stage, ...] = (
-    Stage("encode_text", encode_text, "text_encoder", ("plan",), "text", {"CPU": 1}),
-    Stage("encode_voice", encode_voice, "voices", ("plan",), "voice", {"CPU": 1}),
-    Stage("encode_media", encode_media, "media_encoder", ("plan",), "media", {"CPU": 1}),
-    Stage("denoise", denoise, "backbone", ("plan", "text", "voice", "media"), "latents", {"GPU": 1},
-          takes_hooks=True),
-    Stage("decode_video", decode_video, "vae", ("plan", "latents"), "video", {"GPU": 1}),
-    Stage("decode_audio", decode_audio, "audio_decoder", ("plan", "latents"), "audio", {"CPU": 1}),
-    Stage("mux", mux, None, ("plan", "video", "audio"), "artifact", {"CPU": 1}),
+    Stage("encode_text", "text_encoder", ("plan",), "text", TextEmbeddings, "TextEncoder", "encode", {"CPU": 1}),
+    Stage("encode_voice", "voices", ("plan",), "voice", VoiceEmbeddings, "VoiceEncoder", "encode", {"CPU": 1}),
+    Stage("encode_media", "media_encoder", ("plan",), "media", MediaLatents, "MediaEncoder", "encode", {"CPU": 1}),
+    Stage("denoise", "backbone", ("plan", "text", "voice", "media"), "latents", GeneratedLatents, "Backbone",
+          "denoise", {"GPU": 1}, on_backbone=True),
+    Stage("decode_video", "vae", ("plan", "latents"), "video", EncodedStream, "VideoDecoder", "decode", {"GPU": 1}),
+    Stage("decode_audio", "audio_decoder", ("plan", "latents"), "audio", EncodedStream, "AudioDecoder", "decode",
+          {"CPU": 1}),
+    Stage("mux", None, ("plan", "video", "audio"), "artifact", EncodedStream, "", "decode", {"CPU": 1}),
 )
+BACKBONE_STAGE = next(stage for stage in STAGE_GRAPH if stage.on_backbone)
+
+
+def stage_function(stage: Stage, plan: ScenePlan) -> Callable:
+    """The function that runs `stage` for `plan`'s family (the engine for the backbone stage)."""
+    if stage.on_backbone:
+        return denoise
+    from .families import get_family
+    return get_family(plan.family).stage(stage.name)
 
 
 def run_stage(stage: Stage, components: dict, values: dict, progress: ProgressFn | None = None,
@@ -289,42 +127,72 @@ def run_stage(stage: Stage, components: dict, values: dict, progress: ProgressFn
     args = [values[name] for name in stage.inputs]
     if stage.component is not None:
         args.insert(0, components[stage.component])
-    kwargs = {"progress": progress, "should_stop": should_stop} if stage.takes_hooks else {}
-    return stage.fn(*args, **kwargs)
+    kwargs = {"progress": progress, "should_stop": should_stop} if stage.on_backbone else {}
+    return stage_function(stage, values["plan"])(*args, **kwargs)
 
 
-# which OmniModel parts (model/omni.py PARTS) each component is made of
-COMPONENT_PARTS = {"text_encoder": (), "voices": (), "backbone": ("backbone",), "vae": ("vae",),
-                   "media_encoder": ("vae", "audio_codec"), "audio_decoder": ("audio_codec",)}
+class StageTimings:
+    """A run_graph hook: seconds per stage into `seconds`, and the omnireel_stage_seconds metric
+    labelled with `driver` (None: no metric, as in the LocalEngine)."""
+
+    def __init__(self, driver: str | None = None):
+        self.driver, self.seconds, self._start = driver, {}, 0.0
+
+    def before(self, stage: Stage) -> None:
+        self._start = time.perf_counter()
+
+    def after(self, stage: Stage) -> None:
+        from . import metrics
+        self.seconds[stage.name] = time.perf_counter() - self._start
+        if self.driver is not None:
+            metrics.record("omnireel_stage_seconds", self.seconds[stage.name], stage=stage.name, driver=self.driver)
 
 
-def build_components(parts, config: ModelConfig, text_encoder, names=None, voices: str | None = None) -> dict:
-    """The components stages run on, from loaded model parts (`parts[name]`: an OmniModel's children
-    by name, or checkpoint.load_parts' dict); only `names` if given. `voices` is the voice
-    registry's URI (default voices.default_voice_prefix())."""
-    from .voices import VoiceRegistry
+def run_graph(graph: tuple[Stage, ...], values: dict, call: Callable[[Stage, list], object], *,
+              until: str | None = None, hooks=()) -> dict:
+    """The one executor: each stage of `graph` in order whose output is not in `values` yet gets
+    `values[stage.output] = call(stage, [its inputs])`, up to the stage producing `until`. `hooks`
+    have before(stage) / after(stage). A driver's `call` may return a future (Serve chains
+    DeploymentResponses): the walk never waits on values, only the driver's call does."""
+    for stage in graph:
+        if stage.output not in values:
+            for hook in hooks:
+                hook.before(stage)
+            values[stage.output] = call(stage, [values[name] for name in stage.inputs])
+            for hook in hooks:
+                hook.after(stage)
+        if stage.output == until:
+            break
+    return values
 
-    makers = {
-        "text_encoder": lambda: text_encoder,
-        "voices": lambda: VoiceRegistry(voices),
-        "backbone": lambda: parts["backbone"],
-        "vae": lambda: parts["vae"],
-        "media_encoder": lambda: MediaEncoder(parts["vae"], parts["audio_codec"]),
-        "audio_decoder": lambda: AudioDecoder(parts["audio_codec"], Vocoder(config.audio)),
-    }
-    return {name: make() for name, make in makers.items() if names is None or name in names}
+
+# ---- the denoise engine ------------------------------------------------------------------------
+
+@torch.inference_mode()
+def denoise(denoiser, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media_latents: MediaLatents,
+            progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> GeneratedLatents:
+    """The denoise stage of every family: prepare, one `step` per sampler step, finish. Checks
+    should_stop() at the start of every step (model.sampler.Cancelled), reports progress after it."""
+    state = denoiser.prepare(plan, text, voice, media_latents)
+    while state.done < state.steps:
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"stopped at step {state.done} of {state.steps}")
+        denoiser.step([state])
+        if progress is not None:
+            progress(state.done, state.steps)
+    return denoiser.finish(state)
 
 
-def load_components(checkpoint, names, device="cpu", voices: str | None = None) -> dict:
-    """The named components from a checkpoint folder, loading only the model parts they are made of
-    (a replica or pool actor that runs some stages loads just those); `voices` as in build_components."""
-    from .checkpoint import load_parts, read_config
-    from .model.text import build_text_encoder
+# ---- components --------------------------------------------------------------------------------
 
-    config = read_config(checkpoint)
-    parts = load_parts(checkpoint, sorted({part for name in names for part in COMPONENT_PARTS[name]}), device)
-    text_encoder = build_text_encoder(config.text) if "text_encoder" in names else None
-    return build_components(parts, config, text_encoder, names, voices)
+def load_components(checkpoint, names, device="cpu", voices: str | None = None, dtype: str | None = None) -> dict:
+    """The named components from a checkpoint folder of any family, loading only the weights they
+    are made of (a replica or pool actor that runs some stages loads just those)."""
+    from pathlib import Path
+
+    from .families import family_of
+
+    return family_of(checkpoint).load_components(Path(checkpoint), set(names), device, dtype=dtype, voices=voices)
 
 
 def close_components(components: dict) -> None:

@@ -6,6 +6,7 @@ A `ModelConfig` fully describes one checkpoint's architecture. It round-trips th
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 # Token streams of the joint sequence (DESIGN.md §3). The integer is the modality id. "motion"
@@ -107,6 +108,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    family: typing.ClassVar[str] = "omni"     # the model family (families/) this config belongs to
     name: str = "small"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)

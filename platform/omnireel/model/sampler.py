@@ -33,9 +33,10 @@ class Guidance:
         return self.video != 1.0 or self.audio != 1.0
 
 
-def guided_velocity(backbone: OmniBackbone, video, audio, sigma: float, cond: ConditionTokens,
+def guided_velocity(backbone, video, audio, sigma: float, cond: ConditionTokens,
                     prep: PreparedLayout, guidance: Guidance):
-    """One model evaluation with CFG. video (1, C, T, h, w), audio (1, Ca, Ta) -> velocities."""
+    """One model evaluation with CFG (`backbone`: an OmniBackbone or any call with its signature).
+    video (1, C, T, h, w), audio (1, Ca, Ta) -> velocities."""
     sig = video.new_tensor([0.0, sigma, sigma])
     if not guidance.needs_uncond:
         return backbone(video, audio, sig[None], cond, prep)
@@ -47,6 +48,21 @@ def guided_velocity(backbone: OmniBackbone, video, audio, sigma: float, cond: Co
     return v_video, v_audio
 
 
+def noisy_masks(video: torch.Tensor, spec) -> tuple[torch.Tensor, float]:
+    """Which latents move: (1, 1, T, 1, 1) video mask (0 on the clean leading frames) and the audio's 0/1."""
+    video_noisy = torch.ones_like(video[:, :1, :, :1, :1])
+    video_noisy[:, :, :spec.video_clean_frames] = 0
+    return video_noisy, 0.0 if spec.audio_clean else 1.0
+
+
+def euler_step(forward, video, audio, sigma: float, sigma_next: float, cond: ConditionTokens,
+               prep: PreparedLayout, guidance: Guidance, video_noisy, audio_noisy):
+    """One guided Euler step from `sigma` to `sigma_next`; `forward` is the backbone call."""
+    v_video, v_audio = guided_velocity(forward, video, audio, sigma, cond, prep, guidance)
+    dt = sigma_next - sigma
+    return video + dt * video_noisy * v_video, audio + dt * audio_noisy * v_audio
+
+
 def sample(backbone: OmniBackbone, video: torch.Tensor, audio: torch.Tensor, cond: ConditionTokens,
            prep: PreparedLayout, *, steps: int, shift: float, guidance: Guidance,
            progress: Callable[[int, int], None] | None = None,
@@ -56,18 +72,13 @@ def sample(backbone: OmniBackbone, video: torch.Tensor, audio: torch.Tensor, con
     video (1, C, T, h, w) and audio (1, Ca, Ta) hold noise where the layout says noisy and the clean
     latents where it says clean (leading video frames, or the whole audio); clean parts never move.
     """
-    spec = prep.layout.spec
-    video_noisy = torch.ones_like(video[:, :1, :, :1, :1])
-    video_noisy[:, :, :spec.video_clean_frames] = 0                 # (1, 1, T, 1, 1)
-    audio_noisy = 0.0 if spec.audio_clean else 1.0
+    video_noisy, audio_noisy = noisy_masks(video, prep.layout.spec)
     sigmas = shifted_sigmas(steps, shift)
     for i in range(steps):
         if should_stop is not None and should_stop():
             raise Cancelled(f"stopped at step {i} of {steps}")
-        v_video, v_audio = guided_velocity(backbone, video, audio, float(sigmas[i]), cond, prep, guidance)
-        dt = float(sigmas[i + 1] - sigmas[i])
-        video = video + dt * video_noisy * v_video
-        audio = audio + dt * audio_noisy * v_audio
+        video, audio = euler_step(backbone, video, audio, float(sigmas[i]), float(sigmas[i + 1]), cond, prep,
+                                  guidance, video_noisy, audio_noisy)
         if progress is not None:
             progress(i + 1, steps)
     return video, audio

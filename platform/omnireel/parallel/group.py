@@ -42,7 +42,6 @@ from ..compute import enter_compute
 from ..model.sampler import Cancelled
 from ..plan import ScenePlan
 from ..stages import GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings
-from .tp import check_tp_degree
 
 MAX_QUEUED_JOBS = 32          # jobs in flight per group (each holds one thread on every rank)
 
@@ -168,7 +167,7 @@ class BackboneRank:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        from ..checkpoint import load_backbone_shard
+        from ..families import family_of
         from .tp import resident_parameter_bytes
 
         self.timeout_s = timeout_s
@@ -180,10 +179,10 @@ class BackboneRank:
         dist.init_process_group(self.backend, store=self.store, rank=self.rank, world_size=self.world,
                                 timeout=timeout)
         mesh = init_device_mesh(self.device.type, (self.world,))
-        self.backbone = load_backbone_shard(checkpoint_dir, mesh, self.device,
-                                            getattr(torch, dtype) if dtype else None)
+        self.backbone = family_of(checkpoint_dir).load_backbone_shard(   # a Denoiser over this rank's shard
+            Path(checkpoint_dir), mesh, self.device, getattr(torch, dtype) if dtype else None)
         threading.Thread(target=self._engine, name=f"backbone-rank{self.rank}", daemon=True).start()
-        return resident_parameter_bytes(self.backbone)
+        return resident_parameter_bytes(self.backbone.backbone)
 
     def run(self, job_id: str, job: DenoiseJob) -> RankOutcome:
         """Queues `job` here and blocks until this rank has run it (in the order rank 0 picks)."""
@@ -265,7 +264,7 @@ class BackboneRank:
             dist.broadcast(flag, src=0)
             return bool(flag.item())
 
-        try:
+        try:   # the engine loop over this rank's Denoiser
             latents = denoise(self.backbone, job.plan, job.text, job.voice, job.media,
                               progress=progress, should_stop=should_stop)
             return RankOutcome(self.rank, "done", steps, latents if self.rank == 0 else None)
@@ -311,10 +310,11 @@ class BackboneGroup:
                  dtype: str | None = None, pg_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
                  niceness: int | None = None):
         from ..checkpoint import read_config
+        from ..families import family_of
 
         self.checkpoint_dir = str(checkpoint_dir)
         self.config = read_config(checkpoint_dir)
-        check_tp_degree(self.config.backbone, tp)         # before any actor starts
+        family_of(checkpoint_dir).check_tp(self.config, tp)   # before any actor starts
         self.tp = tp
         self.owns_placement_group = placement_group is None
         if use_gpu is None:

@@ -28,16 +28,16 @@ class InProcessBackbone:
     tp = 1
 
     def __init__(self, checkpoint_dir: str | Path, *, dtype: str | None = None):
-        from ..checkpoint import load_parts
+        from ..stages import load_components
 
         self.checkpoint_dir = str(checkpoint_dir)
         self.device = torch.device("cuda", 0) if ray.is_initialized() and ray.get_gpu_ids() else torch.device("cpu")
-        backbone = load_parts(self.checkpoint_dir, ["backbone"], self.device)["backbone"]
-        self.backbone = backbone.to(getattr(torch, dtype)) if dtype else backbone
+        self.backbone = load_components(self.checkpoint_dir, ["backbone"], self.device, dtype=dtype)["backbone"]
 
     def denoise(self, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media: MediaLatents,
                 progress=None, should_stop=None) -> GeneratedLatents:
-        """The `denoise` stage; a stop raises model.sampler.Cancelled at the start of a step."""
+        """The `denoise` stage (the engine over the family's Denoiser); a stop raises
+        model.sampler.Cancelled at the start of a step."""
         return denoise(self.backbone, plan, text, voice, media, progress=progress, should_stop=should_stop)
 
     def rebuild(self) -> None:

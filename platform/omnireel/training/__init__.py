@@ -1,0 +1,1 @@
+"""Training OmniReel's own small model on generated scenes (see dataset.py and recipe.py)."""
