@@ -1,6 +1,7 @@
 """Media bytes in and out, with PyAV: MP4 (H.264 + AAC), PNG, WAV, and a stream probe.
 
-Frames are numpy uint8 (T, H, W, 3) RGB; waves are numpy float32 (S,) mono in [-1, 1]. Video and
+Frames are numpy uint8 (T, H, W, 3) RGB; waves are numpy float32 (S,) mono in [-1, 1] (encode_audio
+also takes (2, S) stereo). Video and
 audio are encoded separately and `mux` only copies their packets into one MP4, so each encoder can
 run where its data is and muxing costs no re-encode.
 """
@@ -57,12 +58,16 @@ def encode_video(frames: np.ndarray, fps: int) -> bytes:
 
 
 def encode_audio(wave: np.ndarray, sample_rate: int) -> bytes:
-    """float32 (S,) mono -> M4A (MP4) bytes with one AAC stream."""
-    samples = np.ascontiguousarray(np.clip(wave, -1, 1), dtype=np.float32)[None, :]  # (1 channel, S)
+    """float32 (S,) mono or (channels, S) with 1 or 2 channels (stereo) -> M4A (MP4) bytes with one AAC stream."""
+    samples = np.ascontiguousarray(np.clip(wave, -1, 1), dtype=np.float32)
+    samples = samples[None, :] if samples.ndim == 1 else samples  # (channels, S)
+    if samples.ndim != 2 or samples.shape[0] not in (1, 2):
+        raise ValueError(f"expected a wave (S,) or (1 or 2 channels, S), got {wave.shape}")
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
 
     def fill(out):
-        stream = out.add_stream("aac", rate=sample_rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        stream = out.add_stream("aac", rate=sample_rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
         frame.sample_rate, frame.pts, frame.time_base = sample_rate, 0, Fraction(1, sample_rate)
         out.mux(stream.encode(frame))  # the codec context cuts it into AAC-sized frames
         out.mux(stream.encode(None))
