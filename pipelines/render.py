@@ -65,6 +65,7 @@ class BatchOptions:
     threads: int | None = None          # torch threads in every actor and rank (default: Ray's, its CPUs)
     compute_niceness: int | None = 0    # nice value of each actor's and rank's compute thread (compute.py)
     cpus_per_rank: float = 1
+    dtype: str | None = None            # float type of the model components (None: as stored)
     save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
     pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
     voices: str | None = None           # voice registry URI (default: voices.default_voice_prefix(), resolved
@@ -135,9 +136,9 @@ class StagePool:
     pool = ""
 
     def __init__(self, checkpoint: str, threads: int | None = None, voices: str | None = None,
-                 niceness: int | None = None):
+                 niceness: int | None = None, dtype: str | None = None):
         self.compute = ComputeThread(threads, niceness)
-        self.checkpoint, self.voices = checkpoint, voices
+        self.checkpoint, self.voices, self.dtype = checkpoint, voices, dtype
         self.config = read_config(checkpoint)
         self.stages = POOLS[self.pool]
         names = list(POOLS)
@@ -146,7 +147,8 @@ class StagePool:
         self.components = self.compute.run(self.load, {stage.component for stage in self.stages} - {None})
 
     def load(self, names: set[str]) -> dict:
-        return load_components(self.checkpoint, names, "cuda" if ray.get_gpu_ids() else "cpu", voices=self.voices)
+        return load_components(self.checkpoint, names, "cuda" if ray.get_gpu_ids() else "cpu", voices=self.voices,
+                               dtype=self.dtype)
 
     def __del__(self):
         close_components(getattr(self, "components", {}))
@@ -204,10 +206,10 @@ class DenoisePool(StagePool):
     pool = "denoise"
 
     def __init__(self, checkpoint: str, threads: int | None = None, tp: int = 1, cpus_per_rank: float = 1,
-                 niceness: int | None = None):
-        super().__init__(checkpoint, threads, niceness=niceness)
+                 niceness: int | None = None, dtype: str | None = None):
+        super().__init__(checkpoint, threads, niceness=niceness, dtype=dtype)
         self.host = self.compute.run(open_backbone, checkpoint, tp, ray.util.get_current_placement_group(),
-                                     cpus_per_rank=cpus_per_rank, threads=threads, niceness=niceness)
+                                     cpus_per_rank=cpus_per_rank, threads=threads, dtype=dtype, niceness=niceness)
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -234,8 +236,8 @@ class DecodePool(StagePool):
     pool = "decode"
 
     def __init__(self, checkpoint: str, threads: int | None = None, out: str = "", save_latents: bool = False,
-                 niceness: int | None = None):
-        super().__init__(checkpoint, threads, niceness=niceness)
+                 niceness: int | None = None, dtype: str | None = None):
+        super().__init__(checkpoint, threads, niceness=niceness, dtype=dtype)
         self.out, self.save_latents = out, save_latents
         self.digest = read_digest(checkpoint)
 
@@ -379,7 +381,8 @@ def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, t
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
             ds = ds.map_batches(POOL_ACTORS[pool], compute=ray.data.ActorPoolStrategy(size=size),
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads,
-                                                       "niceness": options.compute_niceness, **kwargs},
+                                                       "niceness": options.compute_niceness,
+                                                       "dtype": options.dtype, **kwargs},
                                 **common, **resources)
     yield from ds.iter_rows()
 
@@ -537,7 +540,7 @@ def command(args) -> None:
     if not -20 <= args.compute_niceness <= 19:
         fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
     options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
-                           compute_niceness=args.compute_niceness, save_latents=args.save_latents,
+                           compute_niceness=args.compute_niceness, dtype=args.dtype, save_latents=args.save_latents,
                            pushgateway=args.pushgateway, voices=args.voice_store)
     try:
         checkpoint = str(args.checkpoint or default_checkpoint())

@@ -80,7 +80,7 @@ def render_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = LocalEngine(args.checkpoint, voices=args.voice_store)
+        engine = LocalEngine(args.checkpoint, device=args.device, voices=args.voice_store, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--checkpoint: {e}", code=1)
     try:
@@ -190,7 +190,12 @@ def train_command(args) -> None:
 
 def add_backbone_bench_arguments(parser) -> None:
     """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py."""
-    parser.add_argument("--preset", default="small", help="model preset (tiny, small, wan14b)")
+    parser.add_argument("--family", default="omni", choices=("omni", "ltx2"),
+                        help="model family: omni (presets tiny, small, wan14b) or ltx2 (presets real, tiny)")
+    parser.add_argument("--preset", default="small", help="model preset (omni: tiny, small, wan14b; ltx2: real, tiny)")
+    parser.add_argument("--size", default="768x512", help="ltx2: WIDTHxHEIGHT of the clip (default 768x512)")
+    parser.add_argument("--frames", type=int, default=121, help="ltx2: frames of the clip (default 121)")
+    parser.add_argument("--rows", type=int, default=4, help="ltx2: forwards per step (default 4: CFG, STG, modality)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")
@@ -213,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     r.add_argument("-o", "--output", help="output path or URI (default out.mp4, or out.png with --image)")
     r.add_argument("--seconds", type=float, help="clip length in seconds (default 2)")
-    r.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default 256x256)")
+    r.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16, or of the checkpoint family's multiple (default 256x256)")
     r.add_argument("--fps", type=int, help="frames per second (default 24)")
     r.add_argument("--seed", type=int, help="noise seed (default 0)")
     r.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
@@ -235,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--physics", metavar="JSON", help='scene to simulate, JSON or @FILE: {"bodies": [...], "gravity": ...}')
     r.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the model's float type (default: as stored; bfloat16 on a GPU)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=render_command)
 
@@ -270,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replicas", type=int, default=1, help="denoising actors, each its own TP group (default 1)")
     b.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
     b.add_argument("--threads", type=int, help="torch CPU threads in every actor")
+    b.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the model's float type (default: as stored; bfloat16 on GPUs)")
     b.add_argument("--compute-niceness", type=int, default=0, metavar="N",
                    help="nice value of each actor's compute thread (default 0; Ray's workers run at 15, below "
                         "it needs CAP_SYS_NICE)")

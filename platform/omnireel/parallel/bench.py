@@ -218,8 +218,31 @@ def run(args) -> int:
     """Run the bench for parsed `args`; a bad preset or TP degree is one line and exit code 2."""
     import sys
     try:
+        if getattr(args, "family", "omni") == "ltx2":
+            return run_ltx2(args)
         bench_backbone(args.preset, args.tp, args.steps, args.tokens, args.dtype, args.check_parity)
     except ValueError as exc:
         print(f"omnireel: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_ltx2(args) -> int:
+    """`--family ltx2`: FLOPs per step of diffusers' LTX-2 transformer, and its time on a GPU."""
+    from .bench_ltx2 import LTX2StepShape
+    from .bench_ltx2 import run as run_bench
+
+    if args.preset not in ("real", "tiny"):
+        raise ValueError(f"--preset: the ltx2 family has presets real and tiny (got {args.preset!r})")
+    if args.tp != 1:
+        raise ValueError("--tp: the ltx2 step benchmark runs one rank")
+    width, _, height = args.size.partition("x")
+    if not (width.isdigit() and height.isdigit()) or int(width) % 32 or int(height) % 32 or not int(width) * int(height):
+        raise ValueError(f'--size: must be "WxH" with sides multiples of 32, e.g. 768x512 (got {args.size!r})')
+    if args.frames < 1 or (args.frames - 1) % 8:
+        raise ValueError(f"--frames: must be 1 + 8k, e.g. 121 (got {args.frames})")
+    if args.rows < 1:
+        raise ValueError(f"--rows: must be >= 1 (got {args.rows})")
+    shape = LTX2StepShape(width=int(width), height=int(height), frames=args.frames, rows=args.rows)
+    print("\n".join(run_bench(args.preset, shape, args.steps)), flush=True)
     return 0
