@@ -239,3 +239,24 @@ def test_warmup_values_run_every_stage(components, config):
     assert latents.video.shape == values["latents"].video.shape
     assert latents.audio.shape == values["latents"].audio.shape
     assert FAMILY.stage("decode_video")(components["vae"], plan, values["latents"]).media_type == "video/mp4"
+
+
+def test_step_flops_on_meta_equal_the_flops_a_real_step_runs(ltx2_checkpoint, components, config):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from omnireel.families.ltx2 import meta_transformer, step_flops
+
+    transformer_config = json.loads((ltx2_checkpoint / "transformer" / "config.json").read_text())
+    counted = step_flops(meta_transformer(transformer_config), width=SIZE, height=SIZE, frames=FRAMES, fps=FPS,
+                         guidance=config.guidance, text_tokens=config.max_sequence_length)
+    assert set(counted) == {"cond_uncond", "stg", "modality", "step"}
+    plan = FAMILY.plan(request(), config)
+    text = FAMILY.stage("encode_text")(components["text_encoder"], plan)
+    denoiser = components["backbone"]
+    denoiser.guidance = config.guidance
+    state = denoiser.prepare(plan, text, None, None)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as real:   # CPU flash SDPA is uncounted
+        denoiser.step([state])
+    assert counted["step"] == real.get_total_flops() > 0
+    assert counted["cond_uncond"] > counted["modality"] > 0    # the CFG batch is two rows

@@ -523,6 +523,40 @@ class LTX2DenoiseState:
     done: int = 0
 
 
+def branch_inputs(s: LTX2DenoiseState, t: torch.Tensor, branch: str, dtype: torch.dtype) -> dict:
+    """The transformer's arguments for one guidance branch: "cond_uncond" (the CFG batch, or the
+    prompt alone), "stg" (self-attention skipped at the STG blocks), "modality" (a2v / v2a off)."""
+    batched = branch == "cond_uncond" and s.guidance.cfg
+    rows = slice(None) if batched or not s.guidance.cfg else slice(1, 2)   # the prompt's row of [neg, prompt]
+    coords = slice(None) if batched or not s.guidance.cfg else slice(0, 1)
+    repeat = 2 if batched else 1
+    timestep = t.expand(repeat)                                                      # (B,)
+    video_timestep = timestep
+    if s.clean_first_frame is not None:                                              # (B, S_video)
+        video_timestep = timestep.unsqueeze(-1) * (1 - s.clean_first_frame.repeat(repeat, 1))
+    return dict(
+        hidden_states=s.video.repeat(repeat, 1, 1).to(dtype),
+        audio_hidden_states=s.audio.repeat(repeat, 1, 1).to(dtype),
+        encoder_hidden_states=s.text["video"][rows], audio_encoder_hidden_states=s.text["audio"][rows],
+        timestep=video_timestep, audio_timestep=timestep if s.clean_first_frame is not None else None,
+        sigma=timestep, encoder_attention_mask=s.text["mask"][rows],
+        audio_encoder_attention_mask=s.text["mask"][rows], num_frames=s.latent_frames,
+        height=s.latent_height, width=s.latent_width, fps=s.fps, audio_num_frames=s.audio_frames,
+        video_coords=s.video_coords[coords], audio_coords=s.audio_coords[coords],
+        isolate_modalities=branch == "modality",
+        spatio_temporal_guidance_blocks=list(s.guidance.stg_blocks) if branch == "stg" else None,
+        perturbation_mask=None, use_cross_timestep=s.guidance.use_cross_timestep, attention_kwargs=None,
+        return_dict=False)
+
+
+BRANCHES = ("cond_uncond", "stg", "modality")
+
+
+def branches(guidance: LTX2Guidance) -> tuple[str, ...]:
+    """The transformer calls of one step, in the pipeline's order."""
+    return tuple(b for b, on in zip(BRANCHES, (True, guidance.stg, guidance.modality)) if on)
+
+
 class LTX2Denoiser:
     """The `backbone` component: LTX2VideoTransformer3DModel + the scheduler, stepping as LTX2Pipeline
     (text-to-video) and LTX2ImageToVideoPipeline (with a clean first latent) do."""
@@ -613,29 +647,7 @@ class LTX2Denoiser:
             self.step_one(state, forward)
 
     def model_inputs(self, s: LTX2DenoiseState, t: torch.Tensor, branch: str) -> dict:
-        """The transformer's arguments for one guidance branch: "cond_uncond" (the CFG batch, or the
-        prompt alone), "stg" (self-attention skipped at the STG blocks), "modality" (a2v / v2a off)."""
-        batched = branch == "cond_uncond" and s.guidance.cfg
-        rows = slice(None) if batched or not s.guidance.cfg else slice(1, 2)   # the prompt's row of [neg, prompt]
-        coords = slice(None) if batched or not s.guidance.cfg else slice(0, 1)
-        repeat = 2 if batched else 1
-        timestep = t.expand(repeat)                                                      # (B,)
-        video_timestep = timestep
-        if s.clean_first_frame is not None:                                              # (B, S_video)
-            video_timestep = timestep.unsqueeze(-1) * (1 - s.clean_first_frame.repeat(repeat, 1))
-        return dict(
-            hidden_states=s.video.repeat(repeat, 1, 1).to(self.dtype),
-            audio_hidden_states=s.audio.repeat(repeat, 1, 1).to(self.dtype),
-            encoder_hidden_states=s.text["video"][rows], audio_encoder_hidden_states=s.text["audio"][rows],
-            timestep=video_timestep, audio_timestep=timestep if s.clean_first_frame is not None else None,
-            sigma=timestep, encoder_attention_mask=s.text["mask"][rows],
-            audio_encoder_attention_mask=s.text["mask"][rows], num_frames=s.latent_frames,
-            height=s.latent_height, width=s.latent_width, fps=s.fps, audio_num_frames=s.audio_frames,
-            video_coords=s.video_coords[coords], audio_coords=s.audio_coords[coords],
-            isolate_modalities=branch == "modality",
-            spatio_temporal_guidance_blocks=list(s.guidance.stg_blocks) if branch == "stg" else None,
-            perturbation_mask=None, use_cross_timestep=s.guidance.use_cross_timestep, attention_kwargs=None,
-            return_dict=False)
+        return branch_inputs(s, t, branch, self.dtype)
 
     def predict_x0(self, s: LTX2DenoiseState, forward, t, branch: str):
         """x0 predictions (video, audio) of one branch, float32: (B, S, C) each, B = 2 [negative,
@@ -702,6 +714,54 @@ class LTX2Denoiser:
                                      config.patch_size, config.patch_size_t)             # (1, C, T, h, w)
         audio = pipe._unpack_audio_latents(s.audio, s.audio_frames, num_mel_bins=config.latent_mel_bins)
         return GeneratedLatents(video=video[0].float().cpu(), audio=audio[0].float().cpu())
+
+
+# ---- FLOPs (for benchmarks/backbone.py) ------------------------------------------------------------
+
+def meta_transformer(transformer_config: dict | None = None):
+    """LTX2VideoTransformer3DModel on the meta device: `transformer_config` (a transformer/config.json),
+    else the class defaults, which are LTX-2's (48 layers, 32 x 128 video heads, 32 x 64 audio heads, 19B)."""
+    from diffusers import LTX2VideoTransformer3DModel
+    with torch.device("meta"):
+        if transformer_config is None:
+            return LTX2VideoTransformer3DModel()
+        return LTX2VideoTransformer3DModel.from_config(transformer_config)
+
+
+def step_flops(transformer, *, width: int = 768, height: int = 512, frames: int = 121, fps: float = 24.0,
+               guidance: LTX2Guidance | None = None, text_tokens: int = 1024, spatial_compression: int = 32,
+               temporal_compression: int = 8, audio_latents_per_second: float = 25.0) -> dict[str, int]:
+    """FLOPs (torch.utils.flop_counter: matmuls and attention) of one LTX2Denoiser step at this
+    geometry, counted per branch on meta tensors, so the real 19B model costs no memory.
+    -> {"cond_uncond": ..., "stg": ..., "modality": ..., "step": their sum} (only the branches
+    `guidance` runs; default: the pipeline's, CFG + STG + modality). Text: LTX-2.0 connectors
+    (caption_channels wide, text_tokens long)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = transformer.config
+    guidance = guidance or LTX2Guidance.pipeline_defaults(config.num_layers)
+    latent_frames = (frames - 1) // temporal_compression + 1
+    latent_h, latent_w = height // spatial_compression, width // spatial_compression
+    audio_frames = round(frames / fps * audio_latents_per_second)
+    rows, device = 2 if guidance.cfg else 1, transformer.device
+    text = {"video": torch.zeros(rows, text_tokens, config.caption_channels, device=device),
+            "audio": torch.zeros(rows, text_tokens, config.caption_channels, device=device),
+            "mask": torch.ones(rows, text_tokens, dtype=torch.int64, device=device)}
+    video_coords = transformer.rope.prepare_video_coords(rows, latent_frames, latent_h, latent_w, device, fps=fps)
+    audio_coords = transformer.audio_rope.prepare_audio_coords(rows, audio_frames, device)
+    state = LTX2DenoiseState(
+        video=torch.zeros(1, latent_frames * latent_h * latent_w, config.in_channels, device=device),
+        audio=torch.zeros(1, audio_frames, config.audio_in_channels, device=device), text=text,
+        video_coords=video_coords, audio_coords=audio_coords, video_scheduler=None, audio_scheduler=None,
+        timesteps=torch.ones(1, device=device), guidance=guidance, latent_frames=latent_frames,
+        latent_height=latent_h, latent_width=latent_w, audio_frames=audio_frames, fps=fps, steps=1)
+    counts = {}
+    for branch in branches(guidance):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            transformer(**branch_inputs(state, state.timesteps[0], branch, transformer.dtype))
+        counts[branch] = counter.get_total_flops()
+    counts["step"] = sum(counts.values())
+    return counts
 
 
 # ---- the family --------------------------------------------------------------------------------
