@@ -260,3 +260,15 @@ def test_step_flops_on_meta_equal_the_flops_a_real_step_runs(ltx2_checkpoint, co
         denoiser.step([state])
     assert counted["step"] == real.get_total_flops() > 0
     assert counted["cond_uncond"] > counted["modality"] > 0    # the CFG batch is two rows
+
+
+def test_components_honor_dtype(ltx2_checkpoint, config):
+    parts = FAMILY.load_components(ltx2_checkpoint, {"text_encoder", "backbone", "vae"}, dtype="bfloat16")
+    assert set(parts) == {"text_encoder", "backbone", "vae"}       # only what was asked for
+    assert parts["backbone"].dtype == parts["vae"].vae.dtype == torch.bfloat16
+    assert parts["text_encoder"].pipeline.text_encoder.dtype == torch.bfloat16
+    plan = FAMILY.plan(request(), config)
+    state = parts["backbone"].prepare(plan, FAMILY.stage("encode_text")(parts["text_encoder"], plan), None, None)
+    while state.done < state.steps:
+        parts["backbone"].step([state])
+    assert torch.isfinite(parts["backbone"].finish(state).video).all()
