@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ray.serve.config import BackpressureConfig
 
 from omnireel.parallel.group import BackboneGroup
 from omnireel.parallel.inprocess import host_resources
@@ -53,8 +54,10 @@ def build_app(args: dict | AppArgs):
         stages[stage.name] = bound[stage.deployment]
     runner = JobRunner.options(ray_actor_options=control, max_ongoing_requests=args.runner_max_ongoing,
                                max_queued_requests=args.runner_max_queued).bind(args, store, stages)
+    overflow = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)   # a full ingress queue
     return Ingress.options(ray_actor_options=control, max_ongoing_requests=args.ingress_max_ongoing,
-                           max_queued_requests=args.ingress_max_queued).bind(args, store, runner, stages)
+                           max_queued_requests=args.ingress_max_queued,
+                           backpressure_config=overflow).bind(args, store, runner, stages)
 
 
 def bind_stage_deployment(deployment, stage, args: AppArgs, store):
@@ -67,8 +70,8 @@ def bind_stage_deployment(deployment, stage, args: AppArgs, store):
                                                              host={"CPU": args.replica_cpus}),
             "placement_group_strategy": "STRICT_PACK"}
         return deployment.options(ray_actor_options=host, **group).bind(args, store)
-    gpus = 1 if args.use_gpu and stage.resources.get("GPU") else 0
-    return deployment.options(ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": gpus}).bind(args)
+    return deployment.options(ray_actor_options={"num_cpus": args.replica_cpus,
+                                                 "num_gpus": args.gpus_for(stage)}).bind(args)
 
 
 # ---- the Serve config YAML -------------------------------------------------------------------------

@@ -15,7 +15,12 @@ JobStore, which owns every job. Routes (shapes as in the `openai` package's type
     GET    /v1/voices/{id}              Voice: id, name, created_at, speech_seconds, encoder
     DELETE /v1/voices/{id}              -> {id, object: "voice.deleted", deleted}
     GET    /v1/models, /v1/models/{id}  the served model
-    GET    /healthz                     200 once every deployment is loaded and warmed up, else 503
+    GET    /healthz                     the app's health: 200 once every deployment has started, and while
+                                        its replicas are busy; 503 "starting" before that, or "unhealthy"
+                                        naming each deployment with no running replica (see health())
+    GET    /readyz                      readiness (Kubernetes): 200 once started while the API can answer
+                                        (Ingress and JobStore running), else 503
+    GET    /livez                       liveness: 200 whenever this ingress answers (asks nothing else)
     GET    /metrics                     this node's Prometheus text (Ray's endpoint; OmniReel names carry `ray_`)
 
 Errors are {"error": {message, type, param, code}}: 400 bad input, 401 missing/wrong API key, 404
@@ -31,6 +36,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import secrets
 import time
 import urllib.request
@@ -49,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnireel import metrics, storage
 from omnireel.checkpoint import read_config, read_digest
 from omnireel.config import normalized, request_key
+from omnireel.families import get_family
 from omnireel.media import encode_png
 from omnireel.plan import PlanError, plan_request
 from omnireel.storyboard import StoryboardError, resolve_storyboard
@@ -58,8 +65,15 @@ from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refus
 from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, check_media_fields, generation_request,
                               parse_body, read_body, reference_policy, voice_upload)
 
+logger = logging.getLogger("ray.serve")
+
 STORE_TIMEOUT_S = 30.0          # how long a request waits for the job store (e.g. while it restarts)
 MAX_WAIT_S = 60.0               # longest long poll of GET /v1/videos/{id}?wait_s=
+WAIT_MARGIN_S = 2.0             # a long poll answers within wait_s + this, whatever the store does
+HEALTH_REFRESH_S = 1.0          # a probe finding the controller's view older than this starts a fresh read
+HEALTH_STALE_S = 10.0           # ... and waits for it only when the view is older than this (or absent)
+CONTROLLER_TIMEOUT_S = 5.0      # a status read that takes longer keeps the last one (the controller restarts)
+API_DEPLOYMENTS = ("Ingress", "JobStore")   # what /readyz needs: without them no request is answered
 
 
 # ---- response shapes (documented in /openapi.json) ----------------------------------------------
@@ -135,6 +149,8 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "omnireel"
+    family: str                                   # the model family (omni, ltx2, ...)
+    limits: dict                                  # what requests it serves: FamilyLimits.describe()
 
 
 class ModelList(BaseModel):
@@ -179,6 +195,28 @@ async def _count_requests(request: Request, call_next):
 
 
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
+def deployment_health(app, started: bool) -> dict:
+    """Each deployment of `app` (a serve.status() ApplicationStatusOverview) sorted into running,
+    waiting (no running replica yet, before the app has `started`), unhealthy (no running replica
+    after that, or its deployment failed) and degraded (running, but some replica failed a check)."""
+    started = started or app.status == "RUNNING"
+    health = {"deployments": {}, "waiting_for": [], "unhealthy": {}, "degraded": {}}
+    for name, deployment in sorted(app.deployments.items()):
+        states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items() if n}
+        running = states.get("RUNNING", 0)
+        status = str(getattr(deployment.status, "value", deployment.status))
+        health["deployments"][name] = {"status": status, "running": running}
+        reason = f"{status}: {deployment.message}" if deployment.message else status
+        if running == 0 and (started or status == "DEPLOY_FAILED"):
+            others = ", ".join(f"{k} {n}" for k, n in sorted(states.items())) or "none"
+            health["unhealthy"][name] = f"no running replica (replicas: {others}); {reason}"
+        elif running == 0:
+            health["waiting_for"].append(name)
+        elif status in ("UNHEALTHY", "DEPLOY_FAILED"):      # e.g. one replica of two failed its check
+            health["degraded"][name] = reason
+    return health
+
+
 def unknown(video_id: str) -> APIError:
     return APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
 
@@ -219,14 +257,17 @@ VOICE_BODY = {"requestBody": {"required": True, "content": {
 @serve.ingress(app)
 class Ingress:
     def __init__(self, args, store, runner, stages: dict):
-        self.args, self.store = args, store
-        self.deployments = {"JobStore": store, "JobRunner": runner, **stages}   # what /healthz asks
+        self.args, self.store = args, store      # runner, stages: bound here so that the app deploys them
         config = read_config(args.checkpoint)
         self.config, self.digest = config, read_digest(args.checkpoint)
-        self.model_id = args.model_name or f"omnireel-{config.name}"
+        self.family = get_family(config.family)
+        self.model_id = args.model_name or self.family.model_id(config)
         self.started = int(time.time())
         self.policy = reference_policy(args)                 # the allow-list, as the core validates it
         self.voices = VoiceRegistry(args.voices_uri)         # the speaker encoder loads on the first add
+        self._app_name = serve.get_replica_context().app_name
+        self._status, self._status_at, self._status_read = None, 0.0, None   # the controller's view (_health)
+        self._started = False
 
     # -- videos --
 
@@ -253,11 +294,14 @@ class Ingress:
     async def retrieve_video(self, request: Request, video_id: str,
                              wait_s: float = Query(0, ge=0, le=MAX_WAIT_S, description=(
                                  "long poll (an OmniReel extension): answer as soon as the job has ended, "
-                                 "or after this many seconds with its state then"))) -> dict:
+                                 f"or after this many seconds (at most {MAX_WAIT_S:g}) with its state then"))) -> dict:
         self._authorize(request)
         record = await self._video(video_id)
-        if wait_s and record.active:
-            record = await self._ask_store("wait", video_id, wait_s, timeout_s=wait_s + STORE_TIMEOUT_S) or record
+        if wait_s and record.active:     # answered by wait_s + WAIT_MARGIN_S even if the store is slow or away
+            try:
+                record = await self._ask_store("wait", video_id, wait_s, timeout_s=wait_s + WAIT_MARGIN_S) or record
+            except APIError:
+                pass                     # the state read above stands
         return record.video()
 
     @app.get("/v1/videos/{video_id}/content", response_class=Response,
@@ -366,16 +410,42 @@ class Ingress:
             raise APIError(404, f"model {model_id!r} not found; this server serves {self.model_id!r}", param="model")
         return self._model()
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "starting, or a deployment is unhealthy"}})
     async def healthz(self) -> JSONResponse:
-        """Ready once every deployment has a replica that finished loading and warming up."""
-        names = list(self.deployments)
-        checks = [asyncio.wait_for(self.deployments[n].ready.remote(), 5.0) for n in names]
-        results = await asyncio.gather(*checks, return_exceptions=True)
-        waiting = [n for n, r in zip(names, results) if r is not True]
-        if waiting:
-            return JSONResponse({"status": "starting", "waiting_for": waiting}, 503, headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ok", "model": self.model_id})
+        """The app's health as the Serve controller sees it (it health-checks every replica itself,
+        beside the request queues, so a busy replica is never mistaken for a missing one): 200 once
+        every deployment has a running replica, and from then on while each still has one, however
+        busy; 503 "starting" before that; 503 "unhealthy" naming each deployment with no running
+        replica (dead, or its replicas failed their health checks) or whose deployment failed."""
+        health = await self._health()
+        if health["unhealthy"]:
+            body = {"status": "unhealthy", "unhealthy": health["unhealthy"]}
+        elif health["waiting_for"]:
+            body = {"status": "starting", "waiting_for": health["waiting_for"]}
+        else:
+            body = {"status": "ok", "model": self.model_id, "deployments": health["deployments"]}
+            return JSONResponse(body | ({"degraded": health["degraded"]} if health["degraded"] else {}))
+        return JSONResponse(body, 503, headers={"Retry-After": str(self.args.retry_after_s)})
+
+    @app.get("/readyz", responses={503: {"description": "starting, or the API cannot answer"}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 once every deployment has started, and then while the API can answer (the
+        ingress and the job store are running; a stage being replaced leaves jobs queued, not refused)."""
+        health = await self._health()
+        down = {name: why for name, why in health["unhealthy"].items() if name in API_DEPLOYMENTS}
+        if down:
+            body = {"status": "unhealthy", "unhealthy": down}
+        elif health["waiting_for"]:
+            body = {"status": "starting", "waiting_for": health["waiting_for"]}
+        else:
+            return JSONResponse({"status": "ready", **({"degraded": sorted(health["unhealthy"])}
+                                                       if health["unhealthy"] else {})})
+        return JSONResponse(body, 503, headers={"Retry-After": str(self.args.retry_after_s)})
+
+    @app.get("/livez")
+    async def livez(self) -> dict:
+        """Liveness: this ingress answers. It asks nothing else, so no load or other deployment fails it."""
+        return {"status": "alive"}
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics(self) -> Response:
@@ -388,8 +458,43 @@ class Ingress:
 
     # -- helpers --
 
+    async def _health(self) -> dict:
+        """{deployments: {name: {status, running}}, waiting_for: [names], unhealthy: {name: reason},
+        degraded: {name: reason}} from the controller's view of this app (_app_status). "Started"
+        latches once every deployment has had a running replica (or the app was RUNNING): after that a
+        missing replica is unhealthy, never "starting" again."""
+        app = await self._app_status()
+        if app is None:
+            return {"deployments": {}, "waiting_for": ["ServeController"], "unhealthy": {}, "degraded": {}}
+        health = deployment_health(app, self._started)
+        self._started = self._started or not health["waiting_for"] and not health["unhealthy"]
+        return health
+
+    async def _app_status(self):
+        """This app's ApplicationStatusOverview (serve.status(): the controller's view, under a second
+        old). A probe answers from the view it finds and, when that is older than HEALTH_REFRESH_S,
+        starts one fresh read in the background, so a probe never waits on the controller (a status read
+        takes 0.2-2 s on a loaded node) unless the view is older than HEALTH_STALE_S. While the
+        controller does not answer (it restarts; the data plane runs on without it) the last view stands."""
+        age = time.monotonic() - self._status_at
+        if age >= HEALTH_REFRESH_S and (self._status_read is None or self._status_read.done()):
+            self._status_read = asyncio.ensure_future(self._read_status())
+        if self._status is None or age >= HEALTH_STALE_S:
+            await asyncio.wait({self._status_read}, timeout=CONTROLLER_TIMEOUT_S)
+        return self._status
+
+    async def _read_status(self) -> None:
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), CONTROLLER_TIMEOUT_S)
+        except Exception as exc:        # a controller restart or timeout: keep what was seen last
+            logger.warning("/healthz: no status from the Serve controller (%s)", type(exc).__name__)
+            return
+        if self._app_name in status.applications:
+            self._status, self._status_at = status.applications[self._app_name], time.monotonic()
+
     def _model(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "omnireel"}
+        return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "omnireel",
+                "family": self.family.name, "limits": self.family.limits.describe()}
 
     def _authorize(self, request: Request) -> None:
         if not self.args.api_keys:

@@ -391,6 +391,12 @@ class JobStore:
     async def ready(self) -> bool:
         return True
 
+    def check_health(self) -> None:
+        """Serve's health check (beside the request queue): the store is unhealthy once its watch loop
+        (lease expiry, collection) has stopped; the controller then replaces the replica."""
+        if self._watcher.done():
+            raise RuntimeError("the job store's watch loop has stopped: leases and expiry are not checked")
+
     # -- dispatch, leases, collection --
 
     def _dispatch(self, record: JobRecord) -> None:

@@ -95,14 +95,15 @@ def wait_done(http: httpx.Client, video_id: str, timeout_s: float = 240.0, until
     raise AssertionError(f"video {video_id} not done within {timeout_s:g}s: {response.text}")
 
 
-def served_latents(request):
-    """The GeneratedLatents of `request` (a GenerationRequest) through the served stages."""
+def served_latents(request, app: str | None = None):
+    """The GeneratedLatents of `request` (a GenerationRequest) through the served stages of `app`
+    (default: the shared app)."""
     from ray import serve
 
     from omnireel.config import normalized
     from omnireel.deployments.app import APP_NAME
 
-    runner = serve.get_deployment_handle("JobRunner", APP_NAME)
+    runner = serve.get_deployment_handle("JobRunner", app or APP_NAME)
     return runner.latents.remote(normalized(request)).result(timeout_s=120)
 
 
@@ -127,3 +128,57 @@ def kill(deployment: str) -> str:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+# ---- a second app beside the shared one (the load and health-under-load tests) ---------------------
+
+def load_benchmark():
+    """benchmarks/load.py as a module: the load driver, health probe and replica timeline it prints
+    from are the ones the load tests assert on."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load.py"
+    spec = importlib.util.spec_from_file_location("omnireel_load_benchmark", path)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+def submit(config: dict, path: Path, ray_module) -> None:
+    """Submits a whole Serve config as `serve run --non-blocking` does (declarative: apps it leaves
+    out are deleted), from a subprocess (the CLI starts its own Ray client)."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    code = ("import sys, yaml; from omnireel.deployments.app import serve_run; "
+            "serve_run(yaml.safe_load(open(sys.argv[1])), sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), ray_module.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@contextmanager
+def app_beside(served: Served, ray_module, name: str, route_prefix: str, args: dict, deployments: dict):
+    """Another OmniReel app, `name` at `route_prefix`, in the session's Serve beside the shared one:
+    the shared app's own config (written by running_app, so that app is left as it is) plus this one;
+    on exit the shared config alone again, which deletes it. Yields the app's root URL."""
+    import copy
+
+    from ray import serve
+
+    from omnireel.deployments.app import configure, load_serve_config, wait_until_running
+
+    root = served.storage.parent
+    shared = yaml.safe_load((root / "serve.yaml").read_text())
+    app = configure(load_serve_config(), args=args, deployments=deployments)["applications"][0]
+    app.update(name=name, route_prefix=route_prefix)
+    both = copy.deepcopy(shared)
+    both["applications"].append(app)
+    try:
+        submit(both, root / f"serve-with-{name}.yaml", ray_module)
+        wait_until_running(name, timeout_s=600)
+        yield f"{served.url}{route_prefix}"
+    finally:
+        submit(shared, root / "serve.yaml", ray_module)
+        deadline = time.monotonic() + 120
+        while name in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(0.5)

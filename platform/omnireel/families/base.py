@@ -102,6 +102,10 @@ class Family:
         """The family's function for stage `name` (the denoise stage's is the shared engine)."""
         raise NotImplementedError
 
+    def model_id(self, config) -> str:
+        """The model's id in the API (GET /v1/models) when the operator names none."""
+        return f"omnireel-{self.name}"
+
     def warmup_values(self, config) -> dict:
         """A placeholder for every payload of the graph for the smallest request this family serves."""
         raise NotImplementedError

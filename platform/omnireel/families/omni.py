@@ -199,6 +199,11 @@ class OmniDenoiser:
         self.backbone = backbone
         self.cfg = backbone.cfg
 
+    @property
+    def module(self) -> OmniBackbone:
+        """The model module (whole, or this rank's TP shard): what a host counts resident bytes of."""
+        return self.backbone
+
     @torch.inference_mode()
     def prepare(self, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings,
                 media_latents: MediaLatents) -> OmniDenoiseState:
@@ -389,6 +394,9 @@ class OmniFamily(Family):
 
     def stage(self, name: str) -> Callable:
         return STAGES[name]
+
+    def model_id(self, config: ModelConfig) -> str:
+        return f"omnireel-{config.name}"      # the preset: omnireel-small, omnireel-tiny
 
     def warmup_values(self, config: ModelConfig) -> dict:
         return warmup_values(config)
