@@ -23,6 +23,9 @@ class AppArgs(BaseModel):
     stage_threads: dict[str, int] = Field(default_factory=dict, description=(
         "torch threads of one stage's replicas, over `threads` (e.g. {decode_audio: 1}: it runs beside "
         "the video decoder, and two decoders of `threads` each oversubscribe a small node)"))
+    stage_gpus: dict[str, float] = Field(default_factory=dict, description=(
+        "with use_gpu: GPUs of one stage's replicas, over the graph's default (1 for denoise and "
+        "decode_video, else 0), e.g. {encode_text: 1} for LTX-2's 12B Gemma 3 text encoder"))
     compute_niceness: Optional[int] = Field(0, ge=-20, le=19, description=(
         "nice value of each stage replica's and rank's compute thread (Ray starts workers at 15; below "
         "that needs CAP_SYS_NICE, else it stays at 15); None: leave it as Ray set it"))
@@ -50,17 +53,24 @@ class AppArgs(BaseModel):
     collect_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are collected")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of 429 and 503 answers")
 
-    @field_validator("stage_threads")
+    @field_validator("stage_threads", "stage_gpus")
     @classmethod
-    def _stage_threads(cls, value: dict[str, int]) -> dict[str, int]:
+    def _per_stage(cls, value: dict, info) -> dict:
         from omnireel.stages import STAGE_GRAPH
         stages = [stage.name for stage in STAGE_GRAPH if stage.component is not None]
-        for name, threads in value.items():
+        least = 1 if info.field_name == "stage_threads" else 0
+        for name, amount in value.items():
             if name not in stages:
-                raise ValueError(f"stage_threads: unknown stage {name!r}; stages are {', '.join(stages)}")
-            if threads < 1:
-                raise ValueError(f"stage_threads.{name}: must be >= 1, got {threads}")
+                raise ValueError(f"{info.field_name}: unknown stage {name!r}; stages are {', '.join(stages)}")
+            if amount < least:
+                raise ValueError(f"{info.field_name}.{name}: must be >= {least}, got {amount}")
         return value
+
+    def gpus_for(self, stage) -> float:
+        """GPUs of one replica of `stage` (a stages.Stage): none without use_gpu."""
+        if not self.use_gpu:
+            return 0
+        return self.stage_gpus.get(stage.name, 1 if stage.resources.get("GPU") else 0)
 
     def threads_for(self, stages) -> Optional[int]:
         """Torch threads of a replica that runs `stages` (names): stage_threads where set, else threads."""

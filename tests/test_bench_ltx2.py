@@ -1,17 +1,20 @@
-"""`omnireel bench backbone --family ltx2`: FLOPs of diffusers' LTX-2 transformer from a meta-device
-build (the tiny config here; the real 48-layer one is what benchmarks/backbone.py prints)."""
+"""`omnireel bench backbone --family ltx2`: the step's FLOPs on a meta-device build (the tiny config
+here; benchmarks/backbone.py prints the real 48-layer one), and one-line errors for bad sizes."""
 import subprocess
 import sys
 
-from omnireel.parallel.bench_ltx2 import LTX2StepShape, flops_per_step
+from omnireel.families.ltx2 import meta_transformer, step_flops
+from omnireel.parallel.bench_ltx2 import LTX2StepShape, run, transformer_config
 
 
-def test_flops_follow_the_rows_and_the_tokens():
-    one, video, audio = flops_per_step("tiny", LTX2StepShape(width=64, height=64, frames=9, rows=1, text_tokens=16))
-    four, _, _ = flops_per_step("tiny", LTX2StepShape(width=64, height=64, frames=9, rows=4, text_tokens=16))
-    longer, video2, _ = flops_per_step("tiny", LTX2StepShape(width=64, height=64, frames=17, rows=1, text_tokens=16))
-    assert (video, audio) == (2 * 2 * 2, 9) and video2 == 3 * 2 * 2       # (1 + 8/8) x 2 x 2 latents; 25 audio/s
-    assert one > 0 and four == 4 * one and longer > one
+def test_flops_grow_with_the_clip_and_every_branch_counts():
+    short = step_flops(meta_transformer(transformer_config("tiny")), **LTX2StepShape(64, 64, 9, text_tokens=16).geometry())
+    longer = step_flops(meta_transformer(transformer_config("tiny")), **LTX2StepShape(64, 64, 17, text_tokens=16).geometry())
+    assert set(short) == {"cond_uncond", "stg", "modality", "step"}
+    assert short["step"] == short["cond_uncond"] + short["stg"] + short["modality"] and short["modality"] > 0
+    assert longer["step"] > short["step"]
+    lines = run("tiny", LTX2StepShape(64, 64, 9, text_tokens=16), steps=1)
+    assert "FLOPs per step" in lines[1] and "2 layers" in lines[0]
 
 
 def test_bad_sizes_are_one_line_errors():

@@ -106,3 +106,16 @@ def corrupt_frames(mp4: bytes) -> bytes:
     """The same MP4 with its frame data (the mdat box payload) overwritten; the header is intact."""
     at = mp4.index(b"mdat") + 4
     return mp4[:at] + bytes(len(mp4) - at)
+
+
+def test_the_ltx2_serve_config_validates_and_puts_the_text_encoder_on_a_gpu():
+    from omnireel.stages import STAGE_GRAPH
+
+    config = configure(load_serve_config(CONFIG_PATH.with_name("serve_config_ltx2.yaml")))
+    args = AppArgs.model_validate(omnireel_app(config)["args"])
+    gpus = {stage.name: args.gpus_for(stage) for stage in STAGE_GRAPH if stage.component}
+    assert gpus == {"encode_text": 1, "encode_voice": 0, "encode_media": 1, "denoise": 1, "decode_video": 1,
+                    "decode_audio": 0}
+    assert AppArgs().gpus_for(STAGE_GRAPH[0]) == 0 == AppArgs(stage_gpus={"encode_text": 1}).gpus_for(STAGE_GRAPH[0])
+    with pytest.raises(pydantic.ValidationError, match="stage_gpus: unknown stage 'mux'"):
+        AppArgs(stage_gpus={"mux": 1})

@@ -195,7 +195,6 @@ def add_backbone_bench_arguments(parser) -> None:
     parser.add_argument("--preset", default="small", help="model preset (omni: tiny, small, wan14b; ltx2: real, tiny)")
     parser.add_argument("--size", default="768x512", help="ltx2: WIDTHxHEIGHT of the clip (default 768x512)")
     parser.add_argument("--frames", type=int, default=121, help="ltx2: frames of the clip (default 121)")
-    parser.add_argument("--rows", type=int, default=4, help="ltx2: forwards per step (default 4: CFG, STG, modality)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")

@@ -569,6 +569,11 @@ class LTX2Denoiser:
         self.pipeline = partial_pipeline(config, transformer=transformer, scheduler=scheduler)
 
     @property
+    def module(self):
+        """The model module (whole, or this rank's TP shard): what a host counts resident bytes of."""
+        return self.transformer
+
+    @property
     def device(self) -> torch.device:
         return self.transformer.device
 
@@ -728,38 +733,59 @@ def meta_transformer(transformer_config: dict | None = None):
         return LTX2VideoTransformer3DModel.from_config(transformer_config)
 
 
-def step_flops(transformer, *, width: int = 768, height: int = 512, frames: int = 121, fps: float = 24.0,
-               guidance: LTX2Guidance | None = None, text_tokens: int = 1024, spatial_compression: int = 32,
-               temporal_compression: int = 8, audio_latents_per_second: float = 25.0) -> dict[str, int]:
-    """FLOPs (torch.utils.flop_counter: matmuls and attention) of one LTX2Denoiser step at this
-    geometry, counted per branch on meta tensors, so the real 19B model costs no memory.
-    -> {"cond_uncond": ..., "stg": ..., "modality": ..., "step": their sum} (only the branches
-    `guidance` runs; default: the pipeline's, CFG + STG + modality). Text: LTX-2.0 connectors
-    (caption_channels wide, text_tokens long)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def synthetic_step_state(transformer, *, width: int = 768, height: int = 512, frames: int = 121, fps: float = 24.0,
+                         guidance: LTX2Guidance | None = None, text_tokens: int = 1024, spatial_compression: int = 32,
+                         temporal_compression: int = 8, audio_latents_per_second: float = 25.0) -> LTX2DenoiseState:
+    """A denoise state of zeros at this geometry on the transformer's device (meta included): what one
+    step's branch inputs are shaped like, without a text encoder or a scheduler. Text: LTX-2.0
+    connectors (caption_channels wide, text_tokens long)."""
     config = transformer.config
     guidance = guidance or LTX2Guidance.pipeline_defaults(config.num_layers)
     latent_frames = (frames - 1) // temporal_compression + 1
     latent_h, latent_w = height // spatial_compression, width // spatial_compression
     audio_frames = round(frames / fps * audio_latents_per_second)
     rows, device = 2 if guidance.cfg else 1, transformer.device
-    text = {"video": torch.zeros(rows, text_tokens, config.caption_channels, device=device),
-            "audio": torch.zeros(rows, text_tokens, config.caption_channels, device=device),
+    text = {"video": torch.zeros(rows, text_tokens, config.caption_channels, device=device, dtype=transformer.dtype),
+            "audio": torch.zeros(rows, text_tokens, config.caption_channels, device=device, dtype=transformer.dtype),
             "mask": torch.ones(rows, text_tokens, dtype=torch.int64, device=device)}
     video_coords = transformer.rope.prepare_video_coords(rows, latent_frames, latent_h, latent_w, device, fps=fps)
     audio_coords = transformer.audio_rope.prepare_audio_coords(rows, audio_frames, device)
-    state = LTX2DenoiseState(
+    return LTX2DenoiseState(
         video=torch.zeros(1, latent_frames * latent_h * latent_w, config.in_channels, device=device),
         audio=torch.zeros(1, audio_frames, config.audio_in_channels, device=device), text=text,
         video_coords=video_coords, audio_coords=audio_coords, video_scheduler=None, audio_scheduler=None,
         timesteps=torch.ones(1, device=device), guidance=guidance, latent_frames=latent_frames,
         latent_height=latent_h, latent_width=latent_w, audio_frames=audio_frames, fps=fps, steps=1)
-    counts = {}
-    for branch in branches(guidance):
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+
+
+def run_branches(transformer, state: LTX2DenoiseState, on_branch=None) -> None:
+    """The transformer calls of one step of `state` (its guidance's branches), under inference mode;
+    `on_branch(name)` is a context manager around each (a FLOP counter, a timer)."""
+    from contextlib import nullcontext
+
+    for branch in branches(state.guidance):
+        with torch.inference_mode(), (on_branch(branch) if on_branch else nullcontext()):
             transformer(**branch_inputs(state, state.timesteps[0], branch, transformer.dtype))
+
+
+def step_flops(transformer, **geometry) -> dict[str, int]:
+    """FLOPs (torch.utils.flop_counter: matmuls and attention) of one LTX2Denoiser step at the
+    geometry of synthetic_step_state(**geometry), counted per branch, so on meta tensors the real
+    19B model costs no memory. -> {"cond_uncond": ..., "stg": ..., "modality": ..., "step": their sum}
+    (only the branches the guidance runs; default: the pipeline's, CFG + STG + modality)."""
+    from contextlib import contextmanager
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+
+    @contextmanager
+    def count(branch):
+        with FlopCounterMode(display=False) as counter:
+            yield
         counts[branch] = counter.get_total_flops()
+
+    run_branches(transformer, synthetic_step_state(transformer, **geometry), count)
     counts["step"] = sum(counts.values())
     return counts
 
@@ -837,6 +863,15 @@ class LTX2Family(Family):
             "audio_decoder": lambda: LTX2AudioDecoder(part("audio_vae"), part("vocoder"), config),
         }
         return {name: makers[name]() for name in self.component_names if name in names}
+
+    def load_backbone_shard(self, checkpoint: Path, mesh, device="cpu", dtype: torch.dtype | None = None) -> LTX2Denoiser:
+        """This rank's TP shard of the transformer, read by slice (parallel/tp_ltx2.py), as the denoiser."""
+        from ..parallel.tp_ltx2 import load_ltx2_backbone_shard
+        return load_ltx2_backbone_shard(Path(checkpoint), mesh, device, dtype)
+
+    def check_tp(self, config: LTX2Config, tp: int) -> None:
+        from ..parallel.tp_ltx2 import check_tp_degree_ltx2
+        check_tp_degree_ltx2(config, tp)
 
     def stage(self, name: str) -> Callable:
         return STAGES[name]

@@ -241,8 +241,6 @@ def run_ltx2(args) -> int:
         raise ValueError(f'--size: must be "WxH" with sides multiples of 32, e.g. 768x512 (got {args.size!r})')
     if args.frames < 1 or (args.frames - 1) % 8:
         raise ValueError(f"--frames: must be 1 + 8k, e.g. 121 (got {args.frames})")
-    if args.rows < 1:
-        raise ValueError(f"--rows: must be >= 1 (got {args.rows})")
-    shape = LTX2StepShape(width=int(width), height=int(height), frames=args.frames, rows=args.rows)
+    shape = LTX2StepShape(width=int(width), height=int(height), frames=args.frames)
     print("\n".join(run_bench(args.preset, shape, args.steps)), flush=True)
     return 0
