@@ -1,0 +1,67 @@
+"""The LTX-2 family through the Ray Data batch pipeline: a row's saved latents equal LTX2Pipeline's
+within 1e-4, its MP4 holds H.264 and stereo AAC, and rows asking for what the family cannot honor
+land in the errors file naming the field."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from ltx2_support import build_tiny_ltx2
+from test_ltx2_family import denormalized, pipeline_arguments
+
+from omnireel import media, storage
+from omnireel.config import GenerationRequest
+from omnireel.pipelines import rows
+from omnireel.pipelines.render import LATENTS_EXTENSION, run_batch
+
+from batch_support import OPTIONS, read_parquet, write_manifest
+
+ROBOT = dict(prompt="a robot dancing in the rain", size="64x64", seconds=0.375, fps=24, seed=3, steps=2)
+
+
+@pytest.fixture(scope="module")
+def ltx2_checkpoint(tmp_path_factory):
+    return build_tiny_ltx2(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2")
+
+
+@pytest.fixture(scope="module")
+def batch_run(ray_session, ltx2_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ltx2-batch")
+    manifest = write_manifest(str(root / "manifest.parquet"), [
+        dict(id="robot", **ROBOT),
+        dict(id="voiced", **ROBOT, voices='[{"character": "ANNA", "voice_id": "anna"}]'),
+        dict(id="wide", **{**ROBOT, "size": "48x48"}),
+        dict(id="talky", **ROBOT, language="ko"),
+    ])
+    out = str(root / "out")
+    return run_batch(manifest, out, ltx2_checkpoint, replace(OPTIONS, save_latents=True)), out
+
+
+def test_a_batch_row_equals_ltx2_pipeline(batch_run, ltx2_checkpoint):
+    from diffusers import LTX2Pipeline
+
+    from omnireel.families.ltx2 import FAMILY
+
+    summary, out = batch_run
+    assert (summary.rows, summary.rendered, summary.invalid, summary.failed) == (4, 1, 3, 0)
+    (result,) = read_parquet(storage.join(out, "results.parquet"))
+    latents = rows.decode_payload("latents", storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION)))
+    config = FAMILY.read_config(ltx2_checkpoint)
+    plan = FAMILY.plan(GenerationRequest(**ROBOT), config)
+    pipe = LTX2Pipeline.from_pretrained(ltx2_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    video, audio = pipe(**pipeline_arguments(plan, config.guidance), generator=torch.Generator().manual_seed(3),
+                        output_type="latent")
+    ours_video, ours_audio = denormalized(pipe, latents)
+    assert (ours_video - video).abs().max().item() <= 1e-4 and (ours_audio - audio).abs().max().item() <= 1e-4
+    streams = {s["type"]: s for s in media.probe(storage.read_bytes(result["uri"]))}
+    assert (streams["video"]["codec"], streams["video"]["frames"], streams["audio"]["codec"]) == ("h264", 9, "aac")
+
+
+def test_rows_the_family_cannot_honor_name_their_field(batch_run):
+    _, out = batch_run
+    errors = {e["id"]: e for e in read_parquet(storage.join(out, "errors.parquet"))}
+    assert {name: e["field"] for name, e in errors.items()} == {"voiced": "voices", "wide": "size", "talky": "language"}
+    assert "multiples of 32" in errors["wide"]["message"]
+    assert all(e["message"].startswith(e["field"] + ":") and "ltx" in e["message"].lower() for e in errors.values())
