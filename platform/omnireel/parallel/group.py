@@ -182,7 +182,7 @@ class BackboneRank:
         self.backbone = family_of(checkpoint_dir).load_backbone_shard(   # a Denoiser over this rank's shard
             Path(checkpoint_dir), mesh, self.device, getattr(torch, dtype) if dtype else None)
         threading.Thread(target=self._engine, name=f"backbone-rank{self.rank}", daemon=True).start()
-        return resident_parameter_bytes(self.backbone.backbone)
+        return resident_parameter_bytes(self.backbone.module)
 
     def run(self, job_id: str, job: DenoiseJob) -> RankOutcome:
         """Queues `job` here and blocks until this rank has run it (in the order rank 0 picks)."""
