@@ -23,6 +23,13 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ltx2_checkpoint(tmp_path_factory):
+    """A tiny random LTX-2 diffusers folder (tests/ltx2_support.py), built once."""
+    from ltx2_support import build_tiny_ltx2
+    return build_tiny_ltx2(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2")
+
+
+@pytest.fixture(scope="session")
 def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint (same weights) with `text.backend = "vllm"` written into its config.json."""
     import dataclasses

@@ -17,6 +17,8 @@ import torch
 WORDS = ("a robot dancing in the rain at night cat plays piano on stage bright city lights "
          "waves crash rocks sunrise red car drives fast through desert").split()
 MAX_SEQUENCE_LENGTH = 1024       # LTX2Pipeline's default max_sequence_length
+ROBOT = dict(prompt="a robot dancing in the rain", size="64x64", seconds=0.375, fps=24, seed=3, steps=2)
+"""A request the tiny checkpoint serves: 9 frames (1 + 8, two latent frames), 2 steps; its tokenizer knows the words."""
 
 
 def tiny_tokenizer():

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from ltx2_support import build_tiny_ltx2
+from ltx2_support import ROBOT
 from test_ltx2_family import denormalized, pipeline_arguments
 
 from omnireel import media, storage
@@ -17,12 +17,6 @@ from omnireel.pipelines.render import LATENTS_EXTENSION, run_batch
 
 from batch_support import OPTIONS, read_parquet, write_manifest
 
-ROBOT = dict(prompt="a robot dancing in the rain", size="64x64", seconds=0.375, fps=24, seed=3, steps=2)
-
-
-@pytest.fixture(scope="module")
-def ltx2_checkpoint(tmp_path_factory):
-    return build_tiny_ltx2(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2")
 
 
 @pytest.fixture(scope="module")

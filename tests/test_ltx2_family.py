@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+
 from ltx2_support import build_tiny_ltx2
 
 from omnireel import media
@@ -30,11 +31,6 @@ SEED, STEPS, FPS, SIZE, FRAMES = 3, 2, 24, 64, 9       # 9 = 1 + 8: two latent f
 GUIDANCE_OFF = LTX2Guidance(guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0,
                             modality_scale=1.0, audio_modality_scale=1.0, guidance_rescale=0.0,
                             audio_guidance_rescale=0.0, stg_blocks=(1,), use_cross_timestep=False)
-
-
-@pytest.fixture(scope="module")
-def ltx2_checkpoint(tmp_path_factory):
-    return build_tiny_ltx2(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ltx2_support import build_tiny_ltx2
+from ltx2_support import ROBOT
 from test_ltx2_family import denormalized, pipeline_arguments
 
 from omnireel import media
@@ -16,12 +16,7 @@ from omnireel.engine import LocalEngine
 from serve_support import ARGS, KEY, Served, psnr, served_latents, wait_done
 
 APP = "ltx2"
-REQUEST = dict(prompt="a robot dancing in the rain", size="64x64", seconds=0.375, fps=24, seed=3, steps=2)
-
-
-@pytest.fixture(scope="module")
-def ltx2_checkpoint(tmp_path_factory):
-    return build_tiny_ltx2(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2")
+REQUEST = ROBOT
 
 
 @pytest.fixture(scope="module")
