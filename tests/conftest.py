@@ -30,6 +30,13 @@ def ltx2_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def wan_checkpoint(tmp_path_factory):
+    """A tiny random Wan 2.1 text-to-video diffusers folder (tests/wan_support.py), built once."""
+    from wan_support import build_tiny_wan
+    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "tiny-wan")
+
+
+@pytest.fixture(scope="session")
 def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint (same weights) with `text.backend = "vllm"` written into its config.json."""
     import dataclasses

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .base import Family, FamilyLimits
 
-FAMILY_MODULES = {"omni": "omnireel.families.omni", "ltx2": "omnireel.families.ltx2"}
-DIFFUSERS_PIPELINES = {"LTX2Pipeline": "ltx2", "LTX2ImageToVideoPipeline": "ltx2"}
+FAMILY_MODULES = {"omni": "omnireel.families.omni", "ltx2": "omnireel.families.ltx2", "wan": "omnireel.families.wan"}
+DIFFUSERS_PIPELINES = {"LTX2Pipeline": "ltx2", "LTX2ImageToVideoPipeline": "ltx2", "WanPipeline": "wan",
+                       "WanImageToVideoPipeline": "wan"}
 
 
 def family_name(checkpoint: str | Path) -> str:
