@@ -59,10 +59,10 @@ class Recipe:
     fps: int = 12
     seconds: float = 2.0
     clips: int = 1600                     # training scenes: seeds [0, clips)
-    vae: StageSchedule = StageSchedule(steps=900, batch=4, lr=2e-3, warmup=50)
+    vae: StageSchedule = StageSchedule(steps=1300, batch=4, lr=2e-3, warmup=50)
     vae_window: int = 5                   # frames per VAE training clip (1 + 4n)
     codec: StageSchedule = StageSchedule(steps=400, batch=8, lr=2e-3, warmup=20)
-    backbone: StageSchedule = StageSchedule(steps=3000, batch=4, lr=6e-4, warmup=150)
+    backbone: StageSchedule = StageSchedule(steps=2500, batch=4, lr=6e-4, warmup=150)
     draws: int = 2                        # (sigma, noise) draws per example per step: a batch of one layout
     caption_dropout: float = 0.1          # share of examples trained with the null caption (for CFG)
     physics_share: float = 0.5            # share of examples trained with physics conditioning
@@ -97,3 +97,9 @@ def recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     return replace(RECIPES[name](), **overrides)
+
+
+def shipped_checkpoint():
+    """The trained demo checkpoint committed in the package (omnireel/checkpoints/demo)."""
+    from pathlib import Path
+    return Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
