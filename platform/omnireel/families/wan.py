@@ -581,6 +581,15 @@ class WanFamily(Family):
         }
         return {name: makers[name]() for name in self.component_names if name in names}
 
+    def load_backbone_shard(self, checkpoint: Path, mesh, device="cpu", dtype: torch.dtype | None = None) -> WanDenoiser:
+        """This rank's TP shard of the transformer(s), read by slice (parallel/tp_wan.py), as the denoiser."""
+        from ..parallel.tp_wan import load_wan_backbone_shard
+        return load_wan_backbone_shard(Path(checkpoint), mesh, device, dtype)
+
+    def check_tp(self, config: WanConfig, tp: int) -> None:
+        from ..parallel.tp_wan import check_tp_degree_wan
+        check_tp_degree_wan(config, tp)
+
     def stage(self, name: str) -> Callable:
         return STAGES[name]
 
