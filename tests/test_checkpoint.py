@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from omnireel.checkpoint import (default_checkpoint, init_checkpoint, load_checkpoint, read_config,
-                                 read_digest, save_checkpoint)
+from omnireel.checkpoint import (DEMO_CHECKPOINT, default_checkpoint, init_checkpoint, load_checkpoint, read_config,
+                                 read_digest, save_checkpoint, small_checkpoint)
 from omnireel.config import canonical_json
 from omnireel.model.config import ModelConfig, preset
 from omnireel.model.omni import build_model
@@ -115,10 +115,14 @@ def test_unknown_format_is_rejected(tmp_path):
         read_config(tmp_path)
 
 
-def test_default_checkpoint_is_created_once_even_by_racing_processes(tmp_path, monkeypatch):
+def test_default_checkpoint_is_the_shipped_demo_model():
+    assert default_checkpoint() == DEMO_CHECKPOINT and read_config(DEMO_CHECKPOINT).name == "demo"
+
+
+def test_small_checkpoint_is_created_once_even_by_racing_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNIREEL_HOME", str(tmp_path))
     command = [sys.executable, "-c",
-               "from omnireel.checkpoint import default_checkpoint; print(default_checkpoint())"]
+               "from omnireel.checkpoint import small_checkpoint; print(small_checkpoint())"]
     racers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
               for _ in range(2)]
     paths = {racer.communicate()[0].strip() for racer in racers}
@@ -128,5 +132,5 @@ def test_default_checkpoint_is_created_once_even_by_racing_processes(tmp_path, m
     directory = Path(paths.pop())
     assert directory.parent == tmp_path / "checkpoints" and directory.name.startswith("small-seed0-")
     assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [directory.name]
-    assert default_checkpoint() == directory
+    assert small_checkpoint() == directory
     assert read_digest(directory) == init_checkpoint("small", tmp_path / "fresh", seed=0)

@@ -145,8 +145,20 @@ def init_checkpoint(preset_name: str, directory: str | os.PathLike, seed: int = 
     return save_checkpoint(model, config, directory)
 
 
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "demo"
+
+
 def default_checkpoint() -> Path:
-    """The embedded default checkpoint (`small`, seed 0), created on first use.
+    """The embedded default checkpoint: the trained demo model shipped in the package
+    (omnireel/checkpoints/demo, README "The demo model"); where a build left it out, the random
+    `small` one (small_checkpoint)."""
+    if (DEMO_CHECKPOINT / WEIGHTS_FILE).is_file():
+        return DEMO_CHECKPOINT
+    return small_checkpoint()
+
+
+def small_checkpoint() -> Path:
+    """The `small` preset random-initialized with seed 0, created on first use.
 
     Lives under $OMNIREEL_HOME/checkpoints (OMNIREEL_HOME defaults to ~/.cache/omnireel). When two
     processes create it at once, one rename wins and both use the winner's checkpoint.
