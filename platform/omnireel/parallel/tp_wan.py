@@ -91,7 +91,9 @@ def meta_wan_transformer(transformer_config: dict, dtype: torch.dtype):
 
     with torch.device("meta"):
         transformer = WanTransformer3DModel.from_config(transformer_config)
-    transformer.to(dtype)
+    if transformer.dtype == dtype:
+        return transformer
+    transformer.to(dtype)                                    # still meta: costs nothing
     keep = WanTransformer3DModel._keep_in_fp32_modules
     for name, parameter in transformer.named_parameters():
         if any(part in keep for part in name.split(".")):
