@@ -33,13 +33,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
-STAGES = ("TextEncoder", "VoiceEncoder", "MediaEncoder", "Backbone", "VideoDecoder", "AudioDecoder")
+from omnireel.stages import STAGE_GRAPH  # noqa: E402
+
+STAGES = tuple(dict.fromkeys(stage.deployment for stage in STAGE_GRAPH if stage.deployment))   # the stage deployments
 SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
            "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 # A small app on one machine: fractional CPUs, one torch thread per replica, a job store of 8 jobs.
 LOAD_ARGS = {"tp": 1, "threads": 1, "replica_cpus": 0.1, "cpus_per_rank": 0.1, "control_cpus": 0.05,
              "max_active_jobs": 8, "runner_max_ongoing": 8, "runner_max_queued": 4, "lease_s": 10.0,
-             "retry_after_s": 1}
+             "retry_after_s": 1,
+             # compute at Ray's nice 15 like the proxy and the ingress: on 2 cores, 8 jobs' compute threads
+             # at nice 0 starved the proxy past a 5 s probe timeout (one run of the test, load average 10)
+             "compute_niceness": None}
 REQUEST = {"prompt": "a paper boat in the rain", "size": "32x32", "seconds": "0.5", "fps": 8, "steps": 8}
 ACTIVE = ("queued", "in_progress")
 
@@ -219,11 +224,17 @@ class ReplicaTimeline(threading.Thread):
                 out.append(f"{now[0]}{f'+{now[1]}' if now[1] else ''}@{at:.1f}")
         return " ".join(out)
 
+    def latest(self) -> dict[str, int]:
+        """{deployment: running + starting replicas} of the newest sample."""
+        (_, running), starting = self.samples[-1], self.starting[-1]
+        return {name: count + starting.get(name, 0) for name, count in running.items()}
+
     def wait_for(self, condition, timeout_s: float) -> bool:
-        """Until condition(latest counts) holds (polled each sample) or `timeout_s` passes."""
+        """Until condition(latest counts: running + starting per deployment) holds (polled each
+        sample) or `timeout_s` passes."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.samples and condition(self.samples[-1][1]):
+            if self.samples and condition(self.latest()):
                 return True
             self._stop_event.wait(self.period_s)
         return False
