@@ -190,7 +190,7 @@ def train_command(args) -> None:
 
 def add_backbone_bench_arguments(parser) -> None:
     """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py."""
-    parser.add_argument("--family", default="omni", choices=("omni", "ltx2"),
+    parser.add_argument("--family", default="omni", choices=("omni", "ltx2", "wan"),
                         help="model family: omni (presets tiny, small, wan14b) or ltx2 (presets real, tiny)")
     parser.add_argument("--preset", default="small", help="model preset (omni: tiny, small, wan14b; ltx2: real, tiny)")
     parser.add_argument("--size", default="768x512", help="ltx2: WIDTHxHEIGHT of the clip (default 768x512)")

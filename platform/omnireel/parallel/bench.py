@@ -220,6 +220,8 @@ def run(args) -> int:
     try:
         if getattr(args, "family", "omni") == "ltx2":
             return run_ltx2(args)
+        if getattr(args, "family", "omni") == "wan":
+            return run_wan(args)
         bench_backbone(args.preset, args.tp, args.steps, args.tokens, args.dtype, args.check_parity)
     except ValueError as exc:
         print(f"omnireel: error: {exc}", file=sys.stderr)
@@ -243,4 +245,22 @@ def run_ltx2(args) -> int:
         raise ValueError(f"--frames: must be 1 + 8k, e.g. 121 (got {args.frames})")
     shape = LTX2StepShape(width=int(width), height=int(height), frames=args.frames)
     print("\n".join(run_bench(args.preset, shape, args.steps)), flush=True)
+    return 0
+
+
+def run_wan(args) -> int:
+    """`--family wan`: WanDenoiser.step against diffusers' WanTransformer3DModel forward alone, on the CPU."""
+    from .bench_wan import PRESETS
+    from .bench_wan import run as run_bench
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset: the wan family has presets {', '.join(PRESETS)} (got {args.preset!r})")
+    if args.tp != 1:
+        raise ValueError("--tp: the wan step benchmark runs one rank")
+    width, _, height = args.size.partition("x")
+    if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16 or not int(width) * int(height):
+        raise ValueError(f'--size: must be "WxH" with sides multiples of 16, e.g. 320x192 (got {args.size!r})')
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise ValueError(f"--frames: must be 1 + 4k, e.g. 9 (got {args.frames})")
+    print("\n".join(run_bench(args.preset, int(width), int(height), args.frames, args.steps)), flush=True)
     return 0
