@@ -52,10 +52,27 @@ def test_load_parts_loads_only_the_named_part_equal_to_the_whole_model(tiny_chec
         load_parts(tiny_checkpoint, ["vocoder"])
 
 
-def test_load_components_builds_each_component_from_its_parts(tiny_checkpoint):
-    components = load_components(tiny_checkpoint, {"audio_decoder", "media_encoder"})
-    assert set(components) == {"audio_decoder", "media_encoder"}
-    assert COMPONENT_PARTS["backbone"] == ("backbone",) and COMPONENT_PARTS["text_encoder"] == ()
+@pytest.mark.parametrize("names", [{"vae"}, {"audio_decoder", "media_encoder"}, {"backbone"}])
+def test_a_replica_reads_no_byte_of_another_components_parts(tiny_checkpoint, tmp_path, names):
+    """The weights file keeps only the parts `names` are made of: loading must not touch the rest,
+    and a component that does need a dropped part is refused naming its keys."""
+    from safetensors.torch import load_file, save_file
+    keep = {part for name in names for part in COMPONENT_PARTS[name]}
+    only = tmp_path / "only"
+    only.mkdir()
+    for path in tiny_checkpoint.iterdir():
+        (only / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(tiny_checkpoint / WEIGHTS_FILE)
+    save_file({k: v for k, v in tensors.items() if k.split(".", 1)[0] in keep}, only / WEIGHTS_FILE)
+    components = load_components(only, names)
+    assert set(components) == names
+    whole = load_checkpoint(tiny_checkpoint)
+    for part in keep:
+        loaded = load_parts(only, [part])[part].state_dict()
+        assert all(torch.equal(t, getattr(whole, part).state_dict()[k]) for k, t in loaded.items())
+    other = next(name for name, parts in COMPONENT_PARTS.items() if parts and not set(parts) <= keep)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_components(only, {other})
 
 
 def test_a_part_with_a_missing_key_is_refused_by_name(tiny_checkpoint, tmp_path):
