@@ -119,3 +119,13 @@ def test_the_ltx2_serve_config_validates_and_puts_the_text_encoder_on_a_gpu():
     assert AppArgs().gpus_for(STAGE_GRAPH[0]) == 0 == AppArgs(stage_gpus={"encode_text": 1}).gpus_for(STAGE_GRAPH[0])
     with pytest.raises(pydantic.ValidationError, match="stage_gpus: unknown stage 'mux'"):
         AppArgs(stage_gpus={"mux": 1})
+
+
+def test_the_wan_serve_config_validates_with_a_tp_group_and_no_audio_gpu():
+    from omnireel.stages import STAGE_GRAPH
+
+    config = configure(load_serve_config(CONFIG_PATH.with_name("serve_config_wan.yaml")))
+    args = AppArgs.model_validate(omnireel_app(config)["args"])
+    assert args.tp == 2 and args.dtype == "bfloat16"
+    assert {stage.name: args.gpus_for(stage) for stage in STAGE_GRAPH if stage.component} == {
+        "encode_text": 1, "encode_voice": 0, "encode_media": 1, "denoise": 1, "decode_video": 1, "decode_audio": 0}
