@@ -14,7 +14,6 @@ import time
 from typing import NamedTuple
 
 import ray
-import torch
 
 from omnireel import metrics
 from omnireel.checkpoint import read_config

@@ -27,26 +27,24 @@ pipeline's default). See TEXT_PARTS and text_parts().
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib
 import inspect
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .base import Family, FamilyLimits
+from .base import FamilyLimits
+from .diffusers_folder import DiffusersFamily, meta_module, read_json
 
 PIPELINE_CLASSES = ("LTX2Pipeline", "LTX2ImageToVideoPipeline")
 NEGATIVE_PROMPT = ""                 # LTX2Pipeline.encode_prompt's default negative prompt
 STG_BLOCK = 28                       # LTX2Pipeline's default spatio_temporal_guidance_blocks=[28]
 TEXT_PARTS = ("video", "audio", "mask")
 MAX_SECONDS = 10.0                   # what one replica is sized for (~241 frames at 24 fps, 768x512)
-HASHED_EDGE_BYTES = 1 << 20          # a weights file is digested by name, size, first and last MiB
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -158,16 +156,6 @@ class LTX2Config:
         return json.loads(self.scheduler)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def meta_module(cls, config: dict):
-    """A diffusers model built from `config` on the meta device (no memory, no weights read)."""
-    with torch.device("meta"):
-        return cls.from_config(config)
-
-
 def read_ltx2_config(folder: Path) -> LTX2Config:
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
 
@@ -209,25 +197,6 @@ def read_ltx2_config(folder: Path) -> LTX2Config:
         scheduler=json.dumps(scheduler, sort_keys=True),
         default_steps=pipeline_default("num_inference_steps"), default_fps=pipeline_default("frame_rate"),
         guidance=LTX2Guidance.pipeline_defaults(transformer["num_layers"]))
-
-
-def checkpoint_digest(folder: Path) -> str:
-    """sha256 over model_index.json and every subfolder's files: small files (configs, tokenizer)
-    by content, weights by name, size and their first and last MiB (cheap on a 40 GB folder)."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        size = path.stat().st_size
-        digest.update(f"{relative}\0{size}\0".encode())
-        with path.open("rb") as f:
-            if size <= 2 * HASHED_EDGE_BYTES:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(HASHED_EDGE_BYTES))
-                f.seek(size - HASHED_EDGE_BYTES)
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 # ---- planning ----------------------------------------------------------------------------------
@@ -287,23 +256,6 @@ def generated_frames(plan, config: LTX2Config) -> int:
 
 # ---- loading -----------------------------------------------------------------------------------
 
-LIBRARIES = {"diffusers": "diffusers", "transformers": "transformers", "ltx2": "diffusers.pipelines.ltx2"}
-
-
-def load_subfolder(folder: Path, name: str, device, dtype: torch.dtype | None):
-    """The checkpoint's `name` component, by the class model_index.json names, from its subfolder only."""
-    library, class_name = read_json(folder / "model_index.json")[name]
-    cls = getattr(importlib.import_module(LIBRARIES.get(library, library)), class_name)
-    path = folder / name
-    if library == "transformers" and not hasattr(cls, "to"):     # a tokenizer
-        return cls.from_pretrained(path)
-    if class_name.endswith("Scheduler"):
-        return cls.from_pretrained(path)
-    if library == "transformers":
-        return cls.from_pretrained(path, dtype=dtype).to(device).eval()
-    return cls.from_pretrained(path, torch_dtype=dtype).to(device).eval()
-
-
 def partial_pipeline(config: LTX2Config, **modules):
     """An LTX2Pipeline holding only `modules` (the rest None), with the geometry of the whole
     checkpoint, so its own helper methods (encode_prompt, prepare_latents, ...) run as in __call__."""
@@ -319,13 +271,6 @@ def partial_pipeline(config: LTX2Config, **modules):
     pipeline.audio_hop_length = config.audio_hop_length
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def torch_dtype(dtype: str | None, device) -> torch.dtype:
-    """--dtype: float32 by default on the CPU, bfloat16 on a GPU."""
-    if dtype is None:
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return getattr(torch, dtype)
 
 
 # ---- components --------------------------------------------------------------------------------
@@ -817,42 +762,25 @@ def warmup_values(config: LTX2Config) -> dict:
     }
 
 
-class LTX2Family(Family):
+class LTX2Family(DiffusersFamily):
     name = "ltx2"
     limits = LIMITS
-
-    def matches(self, checkpoint: Path) -> bool:
-        index = Path(checkpoint) / "model_index.json"
-        return index.is_file() and read_json(index).get("_class_name") in PIPELINE_CLASSES
+    pipeline_classes = PIPELINE_CLASSES
+    stages = STAGES
 
     def read_config(self, checkpoint: Path) -> LTX2Config:
         return read_ltx2_config(Path(checkpoint))
 
-    def digest(self, checkpoint: Path) -> str:
-        return checkpoint_digest(Path(checkpoint))
-
-    def plan(self, request, config: LTX2Config):
-        self.check_fields(request)
+    def plan_folder(self, request, config: LTX2Config):
         return plan_ltx2(request, config)
 
-    def load_components(self, checkpoint: Path, names, device="cpu", *, dtype: str | None = None,
-                        voices: str | None = None) -> dict:
-        """Each named component from only its subfolders (`voices` is unused: LTX-2 has none)."""
-        folder, config = Path(checkpoint), self.read_config(checkpoint)
-        dtype_ = torch_dtype(dtype, device)
-        loaded: dict = {}
-
-        def part(name: str):
-            if name not in loaded:
-                loaded[name] = load_subfolder(folder, name, device, dtype_)
-            return loaded[name]
-
+    def component_makers(self, config: LTX2Config, part) -> dict:
         def video_decoder():
             vae = part("vae")
             vae.enable_tiling()     # diffusers' tiles: only frames over 512 px are split
             return LTX2VideoDecoder(vae, config)
 
-        makers = {
+        return {
             "text_encoder": lambda: LTX2TextEncoder(partial_pipeline(
                 config, text_encoder=part("text_encoder"), tokenizer=part("tokenizer"),
                 connectors=part("connectors")), config),
@@ -862,7 +790,6 @@ class LTX2Family(Family):
             "vae": video_decoder,
             "audio_decoder": lambda: LTX2AudioDecoder(part("audio_vae"), part("vocoder"), config),
         }
-        return {name: makers[name]() for name in self.component_names if name in names}
 
     def load_backbone_shard(self, checkpoint: Path, mesh, device="cpu", dtype: torch.dtype | None = None) -> LTX2Denoiser:
         """This rank's TP shard of the transformer, read by slice (parallel/tp_ltx2.py), as the denoiser."""
@@ -872,9 +799,6 @@ class LTX2Family(Family):
     def check_tp(self, config: LTX2Config, tp: int) -> None:
         from ..parallel.tp_ltx2 import check_tp_degree_ltx2
         check_tp_degree_ltx2(config, tp)
-
-    def stage(self, name: str) -> Callable:
-        return STAGES[name]
 
     def warmup_values(self, config: LTX2Config) -> dict:
         return warmup_values(config)

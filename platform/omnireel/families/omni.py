@@ -21,7 +21,7 @@ from .. import media
 from ..config import GenerationRequest, canonical_json
 from ..model.audio import LOG_FLOOR, AudioCodec, MelSpectrogram, Vocoder
 from ..model.backbone import ConditionTokens, OmniBackbone, PreparedLayout
-from ..model.config import LANGUAGES, MAX_SHOTS, ModelConfig
+from ..model.config import LANGUAGES, ModelConfig
 from ..model.layout import build_layout
 from ..model.sampler import Guidance, euler_step, noisy_masks, shifted_sigmas
 from ..model.text import mean_pool

@@ -37,8 +37,8 @@ from typing import Callable
 
 import torch
 
-from .base import Family, FamilyLimits
-from .ltx2 import checkpoint_digest, load_subfolder, meta_module, read_json, torch_dtype
+from .base import FamilyLimits
+from .diffusers_folder import DiffusersFamily, meta_module, read_json
 
 PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 NEGATIVE_PROMPT = ""                 # WanPipeline.encode_prompt's default negative prompt
@@ -531,37 +531,20 @@ def warmup_values(config: WanConfig) -> dict:
     }
 
 
-class WanFamily(Family):
+class WanFamily(DiffusersFamily):
     name = "wan"
     limits = LIMITS
-
-    def matches(self, checkpoint: Path) -> bool:
-        index = Path(checkpoint) / "model_index.json"
-        return index.is_file() and read_json(index).get("_class_name") in PIPELINE_CLASSES
+    pipeline_classes = PIPELINE_CLASSES
+    stages = STAGES
 
     def read_config(self, checkpoint: Path) -> WanConfig:
         return read_wan_config(Path(checkpoint))
 
-    def digest(self, checkpoint: Path) -> str:
-        return checkpoint_digest(Path(checkpoint))
-
-    def plan(self, request, config: WanConfig):
-        self.check_fields(request)
+    def plan_folder(self, request, config: WanConfig):
         return plan_wan(request, config)
 
-    def load_components(self, checkpoint: Path, names, device="cpu", *, dtype: str | None = None,
-                        voices: str | None = None) -> dict:
-        """Each named component from only its subfolders (`voices` is unused: Wan has none; a
-        text-to-video folder loads no media encoder and every folder no audio decoder)."""
-        folder, config = Path(checkpoint), self.read_config(checkpoint)
-        dtype_ = torch_dtype(dtype, device)
-        loaded: dict = {}
-
-        def part(name: str):
-            if name not in loaded:
-                loaded[name] = load_subfolder(folder, name, device, dtype_)
-            return loaded[name]
-
+    def component_makers(self, config: WanConfig, part) -> dict:
+        """A text-to-video folder makes no media encoder, and no folder an audio decoder."""
         def media_encoder():
             if not config.takes_image:
                 return None
@@ -570,7 +553,7 @@ class WanFamily(Family):
             return WanImageEncoder(partial_pipeline(config, vae=part("vae"), **image), config)
 
         experts = ("transformer", "transformer_2")[:config.experts]
-        makers = {
+        return {
             "text_encoder": lambda: WanTextEncoder(partial_pipeline(
                 config, text_encoder=part("text_encoder"), tokenizer=part("tokenizer")), config),
             "voices": lambda: None,
@@ -579,7 +562,6 @@ class WanFamily(Family):
             "vae": lambda: WanVideoDecoder(part("vae"), config),
             "audio_decoder": lambda: None,
         }
-        return {name: makers[name]() for name in self.component_names if name in names}
 
     def load_backbone_shard(self, checkpoint: Path, mesh, device="cpu", dtype: torch.dtype | None = None) -> WanDenoiser:
         """This rank's TP shard of the transformer(s), read by slice (parallel/tp_wan.py), as the denoiser."""
@@ -589,9 +571,6 @@ class WanFamily(Family):
     def check_tp(self, config: WanConfig, tp: int) -> None:
         from ..parallel.tp_wan import check_tp_degree_wan
         check_tp_degree_wan(config, tp)
-
-    def stage(self, name: str) -> Callable:
-        return STAGES[name]
 
     def warmup_values(self, config: WanConfig) -> dict:
         return warmup_values(config)

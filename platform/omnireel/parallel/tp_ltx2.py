@@ -228,8 +228,8 @@ def load_ltx2_backbone_shard(folder: str | os.PathLike, mesh: DeviceMesh, device
     has no buffers to recompute: its RoPE is computed in forward). `dtype` defaults as the family's
     load_components does (float32 on the CPU, bfloat16 on a GPU)."""
     from ..checkpoint import check_state_dict
-    from ..families.ltx2 import (LTX2Denoiser, load_subfolder, meta_transformer, read_json, read_ltx2_config,
-                                 torch_dtype)
+    from ..families.diffusers_folder import load_subfolder, read_json, torch_dtype
+    from ..families.ltx2 import LTX2Denoiser, meta_transformer, read_ltx2_config
 
     folder = Path(folder)
     transformer = meta_transformer(read_json(folder / "transformer" / "config.json"))

@@ -114,7 +114,7 @@ def load_wan_transformer_shard(folder: Path, mesh: DeviceMesh, device, dtype: to
     """This rank's shard of the WanTransformer3DModel in `folder`, read by slice (one safetensors file
     or an index of shards)."""
     from ..checkpoint import check_state_dict
-    from ..families.ltx2 import read_json
+    from ..families.diffusers_folder import read_json
 
     transformer = meta_wan_transformer(read_json(folder / "config.json"), dtype)
     with SafetensorsFolder(folder) as weights:
@@ -131,7 +131,7 @@ def load_wan_backbone_shard(folder: str | os.PathLike, mesh: DeviceMesh, device=
     """This rank's tensor-parallel shard of a Wan folder's transformer (Wan 2.2 A14B: of both experts)
     over the 1-D `mesh`, as the family's backbone component (a WanDenoiser with the folder's
     scheduler). `dtype` defaults as load_components does (float32 on the CPU, bfloat16 on a GPU)."""
-    from ..families.ltx2 import load_subfolder, torch_dtype
+    from ..families.diffusers_folder import load_subfolder, torch_dtype
     from ..families.wan import WanDenoiser, read_wan_config
 
     folder = Path(folder)
