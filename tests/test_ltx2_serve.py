@@ -13,7 +13,7 @@ from omnireel import media
 from omnireel.config import GenerationRequest
 from omnireel.engine import LocalEngine
 
-from serve_support import ARGS, KEY, Served, psnr, served_latents, wait_done
+from serve_support import KEY, checkpoint_app, psnr, served_latents, wait_done
 
 APP = "ltx2"
 REQUEST = ROBOT
@@ -22,19 +22,8 @@ REQUEST = ROBOT
 @pytest.fixture(scope="module")
 def ltx2_app(served, ltx2_checkpoint, tmp_path_factory):
     """build_app on the LTX-2 folder at tp=1, as its own Serve application beside the shared one."""
-    from ray import serve
-
-    from omnireel.deployments.app import build_app, wait_until_running
-
-    root = tmp_path_factory.mktemp("serve-ltx2")
-    args = {**ARGS, "tp": 1, "checkpoint": str(ltx2_checkpoint), "storage_uri": str(root / "store"),
-            "voices_uri": str(root / "voices")}
-    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
-    try:
-        wait_until_running(APP, timeout_s=600)
-        yield Served(f"{served.url}/{APP}", root / "store", root / "voices")
-    finally:
-        serve.delete(APP)
+    with checkpoint_app(served, ltx2_checkpoint, APP, tmp_path_factory.mktemp("serve-ltx2")) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from omnireel.pipelines import rows
 from omnireel.pipelines.render import LATENTS_EXTENSION, run_batch
 
 from batch_support import OPTIONS, read_parquet, write_manifest
-from serve_support import ARGS, KEY, Served, served_latents, wait_done
+from serve_support import KEY, checkpoint_app, served_latents, wait_done
 
 APP = "wan"
 
@@ -44,19 +44,8 @@ def pipeline_latents(wan_checkpoint):
 @pytest.fixture(scope="module")
 def wan_app(served, wan_checkpoint, tmp_path_factory):
     """build_app on the Wan folder at tp=1, as its own Serve application beside the shared one."""
-    from ray import serve
-
-    from omnireel.deployments.app import build_app, wait_until_running
-
-    root = tmp_path_factory.mktemp("serve-wan")
-    args = {**ARGS, "tp": 1, "checkpoint": str(wan_checkpoint), "storage_uri": str(root / "store"),
-            "voices_uri": str(root / "voices")}
-    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
-    try:
-        wait_until_running(APP, timeout_s=600)
-        yield Served(f"{served.url}/{APP}", root / "store", root / "voices")
-    finally:
-        serve.delete(APP)
+    with checkpoint_app(served, wan_checkpoint, APP, tmp_path_factory.mktemp("serve-wan")) as app:
+        yield app
 
 
 def test_served_stages_equal_wan_pipeline(wan_app, pipeline_latents):
