@@ -41,7 +41,7 @@ from omnireel.config import parse_request
 from omnireel.model.sampler import Cancelled
 from omnireel.parallel.group import RankFailure
 from omnireel.plan import plan_request
-from omnireel.stages import STAGE_GRAPH, run_graph, run_stage
+from omnireel.stages import STAGE_GRAPH, StageTimings, run_graph, run_stage
 
 from .request_parsing import reference_policy
 from .stage_replica import DRIVER, NO_JOB, JobTicket
@@ -568,10 +568,8 @@ class JobRunner:
         """A stage without a deployment, in this replica, once its inputs have arrived."""
         values = {name: await root_cause(v, calls) if isinstance(v, DeploymentResponse) else v
                   for name, v in zip(stage.inputs, inputs)}
-        start = time.perf_counter()
-        output = await asyncio.to_thread(run_stage, stage, {}, values)
-        metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage.name, driver=DRIVER)
-        return output
+        with StageTimings(DRIVER).measure(stage):
+            return await asyncio.to_thread(run_stage, stage, {}, values)
 
     async def _tell_store(self, method: str, *args, patience_s: float = 120.0):
         """Calls a JobStore transition, riding out a store restart (transitions are idempotent)."""

@@ -10,16 +10,14 @@ Every stage call, the warm-up included, runs on the replica's ComputeThread (com
 """
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import ray
 
-from omnireel import metrics
 from omnireel.checkpoint import read_config
 from omnireel.compute import ComputeThread
 from omnireel.families import get_family
-from omnireel.stages import STAGE_GRAPH, close_components, load_components, run_stage
+from omnireel.stages import STAGE_GRAPH, StageTimings, close_components, load_components, run_stage
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 DRIVER = "serve"   # the `driver` label of every metric recorded by the Serve app
@@ -47,10 +45,8 @@ def deployment_stages(deployment: str) -> tuple:
 
 async def timed_call(compute: ComputeThread, stage, fn, *args, **kwargs):
     """`fn(*args)` on the compute thread, its seconds recorded as the stage's (driver "serve")."""
-    start = time.perf_counter()
-    output = await compute.call(fn, *args, **kwargs)
-    metrics.record("omnireel_stage_seconds", time.perf_counter() - start, stage=stage.name, driver=DRIVER)
-    return output
+    with StageTimings(DRIVER).measure(stage):
+        return await compute.call(fn, *args, **kwargs)
 
 
 def compute_thread(args, stage_names) -> ComputeThread:

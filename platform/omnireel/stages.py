@@ -15,10 +15,10 @@ turns them into Arrow rows).
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
-
-import time
 
 import torch
 
@@ -132,8 +132,9 @@ def run_stage(stage: Stage, components: dict, values: dict, progress: ProgressFn
 
 
 class StageTimings:
-    """A run_graph hook: seconds per stage into `seconds`, and the omnireel_stage_seconds metric
-    labelled with `driver` (None: no metric, as in the LocalEngine)."""
+    """Seconds per stage into `seconds`, and the omnireel_stage_seconds metric labelled with `driver`
+    (None: no metric, as in the LocalEngine). A run_graph hook (before / after), or around any one
+    call as `with timings.measure(stage):` (a replica's awaited stage call)."""
 
     def __init__(self, driver: str | None = None):
         self.driver, self.seconds, self._start = driver, {}, 0.0
@@ -146,6 +147,12 @@ class StageTimings:
         self.seconds[stage.name] = time.perf_counter() - self._start
         if self.driver is not None:
             metrics.record("omnireel_stage_seconds", self.seconds[stage.name], stage=stage.name, driver=self.driver)
+
+    @contextmanager
+    def measure(self, stage: Stage):
+        self.before(stage)
+        yield
+        self.after(stage)
 
 
 def run_graph(graph: tuple[Stage, ...], values: dict, call: Callable[[Stage, list], object], *,

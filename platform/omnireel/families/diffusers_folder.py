@@ -73,16 +73,12 @@ def torch_dtype(dtype: str | None, device) -> torch.dtype:
 
 
 class DiffusersFamily(Family):
-    """A family whose checkpoints are diffusers folders of `pipeline_classes`. Subclasses give
+    """A family whose checkpoints are diffusers folders (which pipeline classes: the registry's
+    DIFFUSERS_PIPELINES, families/__init__.py). Subclasses give
     read_config, plan_folder (the family's planning after the shared field check), component_makers,
     `stages` and warmup_values."""
 
-    pipeline_classes: frozenset[str] = frozenset()
     stages: dict[str, Callable] = {}
-
-    def matches(self, checkpoint: Path) -> bool:
-        index = Path(checkpoint) / "model_index.json"
-        return index.is_file() and read_json(index).get("_class_name") in self.pipeline_classes
 
     def digest(self, checkpoint: Path) -> str:
         return checkpoint_digest(Path(checkpoint))

@@ -40,7 +40,6 @@ import torch
 from .base import FamilyLimits
 from .diffusers_folder import DiffusersFamily, meta_module, read_json
 
-PIPELINE_CLASSES = ("LTX2Pipeline", "LTX2ImageToVideoPipeline")
 NEGATIVE_PROMPT = ""                 # LTX2Pipeline.encode_prompt's default negative prompt
 STG_BLOCK = 28                       # LTX2Pipeline's default spatio_temporal_guidance_blocks=[28]
 TEXT_PARTS = ("video", "audio", "mask")
@@ -765,7 +764,6 @@ def warmup_values(config: LTX2Config) -> dict:
 class LTX2Family(DiffusersFamily):
     name = "ltx2"
     limits = LIMITS
-    pipeline_classes = PIPELINE_CLASSES
     stages = STAGES
 
     def read_config(self, checkpoint: Path) -> LTX2Config:

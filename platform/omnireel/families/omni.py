@@ -353,10 +353,6 @@ class OmniFamily(Family):
                           max_seconds=20.0, min_fps=1, max_fps=60, fields=frozenset(OPTIONAL_REQUEST_FIELDS),
                           languages=LANGUAGES)
 
-    def matches(self, checkpoint: Path) -> bool:
-        from . import family_name
-        return family_name(checkpoint) == self.name
-
     def read_config(self, checkpoint: Path) -> ModelConfig:
         from ..checkpoint import read_omni_config
         return read_omni_config(checkpoint)

@@ -40,7 +40,6 @@ import torch
 from .base import FamilyLimits
 from .diffusers_folder import DiffusersFamily, meta_module, read_json
 
-PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 NEGATIVE_PROMPT = ""                 # WanPipeline.encode_prompt's default negative prompt
 MAX_SECONDS = 10.0                   # what one replica is sized for (161 frames at 16 fps, 1280x720)
 PIPELINE_MULTIPLE = 16               # WanPipeline.check_inputs: height and width divisible by 16
@@ -534,7 +533,6 @@ def warmup_values(config: WanConfig) -> dict:
 class WanFamily(DiffusersFamily):
     name = "wan"
     limits = LIMITS
-    pipeline_classes = PIPELINE_CLASSES
     stages = STAGES
 
     def read_config(self, checkpoint: Path) -> WanConfig:
