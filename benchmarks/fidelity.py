@@ -85,11 +85,12 @@ def main() -> None:
     from omnireel.engine import LocalEngine
     from omnireel.model.omni import build_model
     from omnireel.training.fidelity import PALETTE_NAMES, score
-    from omnireel.training.recipe import BENCHMARK_SEEDS, demo_recipe, shipped_checkpoint
+    from omnireel.checkpoint import DEMO_CHECKPOINT
+    from omnireel.training.recipe import BENCHMARK_SEEDS, demo_recipe
     from omnireel.training.scenes import make_scene, render_frames, soundtrack
 
     torch.set_num_threads(args.threads)
-    trained = args.checkpoint or str(shipped_checkpoint())
+    trained = args.checkpoint or str(DEMO_CHECKPOINT)
     recipe = demo_recipe()
     config = load_checkpoint(trained).config
     scenes = [make_scene(BENCHMARK_SEEDS + i, recipe.width, recipe.height, recipe.fps, recipe.seconds,

@@ -41,10 +41,11 @@ def main() -> None:
     from omnireel.config import GenerationRequest
     from omnireel.engine import LocalEngine
     from omnireel.training.fidelity import audio_onsets
-    from omnireel.training.recipe import demo_recipe, shipped_checkpoint
+    from omnireel.checkpoint import DEMO_CHECKPOINT
+    from omnireel.training.recipe import demo_recipe
 
     recipe = demo_recipe()
-    engine = LocalEngine(args.checkpoint or shipped_checkpoint())
+    engine = LocalEngine(args.checkpoint or DEMO_CHECKPOINT)
     physics = json.loads(Path(args.physics).read_text()) if args.physics else None
     result = engine.render(GenerationRequest(prompt=args.prompt, seconds=recipe.seconds, size=recipe.size,
                                              fps=recipe.fps, seed=args.seed, physics=physics))

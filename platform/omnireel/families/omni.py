@@ -19,13 +19,13 @@ import torch
 
 from .. import media
 from ..config import GenerationRequest, canonical_json
-from ..model.audio import LOG_FLOOR, AudioCodec, MelSpectrogram, Vocoder
+from ..model.audio import AudioCodec, MelSpectrogram, Vocoder
 from ..model.backbone import ConditionTokens, OmniBackbone, PreparedLayout
 from ..model.config import LANGUAGES, ModelConfig
 from ..model.layout import build_layout
 from ..model.sampler import Guidance, euler_step, noisy_masks, shifted_sigmas
 from ..model.text import mean_pool
-from ..model.vae import VideoVAE
+from ..model.vae import VideoVAE, to_pixels
 from ..plan import PlanError, ScenePlan, ShotPlan, first_frame, language_index, shot_latent_starts, storyboard_shots
 from ..stages import EncodedStream, GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings, mux
 from .base import OPTIONAL_REQUEST_FIELDS, Family, FamilyLimits
@@ -42,19 +42,16 @@ class MediaEncoder:
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (T, H, W, 3), T = 1 + 4k -> (C, 1 + k, H/8, W/8) latents."""
         param = next(self.vae.parameters())
-        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].to(param.device, param.dtype)  # (1, 3, T, H, W)
-        return self.vae.encode(pixels / 127.5 - 1)[0].float().cpu()
+        pixels = to_pixels(torch.from_numpy(frames))[None].to(param.device, param.dtype)   # (1, 3, T, H, W)
+        return self.vae.encode(pixels)[0].float().cpu()
 
     @torch.inference_mode()
     def encode_wave(self, wave: np.ndarray, audio_frames: int) -> torch.Tensor:
         """float32 (S,) at the codec's rate -> (Ca, audio_frames) latents (silence pads a short wave)."""
-        cfg = self.codec.cfg
         param = next(self.codec.parameters())
-        mel_frames = audio_frames * cfg.time_factor
-        wave = np.pad(wave[: mel_frames * cfg.hop_length], (0, max(0, mel_frames * cfg.hop_length - wave.shape[0])))
-        mel = MelSpectrogram(cfg).to(param.device)(torch.from_numpy(wave)[None].to(param.device))  # (1, M, mel_frames)
-        mel = torch.nn.functional.pad(mel, (0, mel_frames - mel.shape[-1]), value=float(np.log(LOG_FLOOR)))
-        return self.codec.encode(mel.to(param.dtype))[0].float().cpu()
+        mel = MelSpectrogram(self.codec.cfg).to(param.device).clip(torch.from_numpy(wave).to(param.device),
+                                                                  audio_frames)      # (M, mel_frames)
+        return self.codec.encode(mel[None].to(param.dtype))[0].float().cpu()
 
 
 @dataclass

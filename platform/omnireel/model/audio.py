@@ -46,6 +46,15 @@ class MelSpectrogram(nn.Module):
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)     # (n_fft,)
         self.register_buffer("filterbank", mel_filterbank(cfg), persistent=False)          # (M, F)
 
+    def clip(self, wave: torch.Tensor, audio_frames: int) -> torch.Tensor:
+        """wave (S,) -> log-mel (M, audio_frames * time_factor) of a clip that many audio latents long:
+        the wave cut to its length or padded with silence, the mel padded with the log floor."""
+        mel_frames = audio_frames * self.cfg.time_factor
+        samples = mel_frames * self.cfg.hop_length
+        wave = torch.nn.functional.pad(wave[:samples], (0, max(0, samples - wave.shape[0])))
+        mel = self(wave[None])[0]                                                       # (M, <= mel_frames)
+        return torch.nn.functional.pad(mel, (0, mel_frames - mel.shape[-1]), value=math.log(LOG_FLOOR))
+
     def stft(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, S) -> complex (B, F, 1 + S // hop), frame k centred on sample k * hop."""
         return torch.stft(wave, self.cfg.n_fft, self.cfg.hop_length, window=self.window,

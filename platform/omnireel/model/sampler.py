@@ -17,10 +17,14 @@ class Cancelled(Exception):
     """Raised inside a denoising loop when should_stop() turned true."""
 
 
-def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """(steps + 1,) float64 from 1 down to 0: sigma' = shift * s / (1 + (shift - 1) * s)."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """The shifted schedule's sigma for uniform s in [0, 1]: shift * s / (1 + (shift - 1) * s)."""
     return shift * s / (1 + (shift - 1) * s)
+
+
+def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) float64 from 1 down to 0, shifted (shift_sigma)."""
+    return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ from torch import nn
 from .config import VideoVAEConfig
 
 
+def to_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> float32 pixels (3, T, H, W) in [-1, 1], what the VAE encodes."""
+    return frames.permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
 class ChannelNorm(nn.Module):
     """RMS norm over channels at every position: (N, C, ...) -> same shape."""
 

@@ -155,7 +155,6 @@ def audio_onsets(wave: np.ndarray, sample_rate: int) -> list[float]:
 @dataclass
 class SceneScores:
     colour_ok: bool
-    colour_chance: float            # the chance a uniform guess among the palette hits a caption colour
     count_frames: int               # frames where the ground truth shows the objects apart
     count_ok: int
     shape_measured: bool
@@ -215,7 +214,7 @@ def score(scene: Scene, frames: np.ndarray, wave: np.ndarray, sample_rate: int, 
     seen = sum(any(abs(t - o) <= window for t in contact_times) for o in onsets)
     frames_vary = float(frames.astype(np.float64).std(axis=0).mean()) > 1.0 and float(frames.std()) > 2.0
     audio_sounds = float(np.sqrt(np.mean(wave.astype(np.float64) ** 2))) > 1e-3
-    return SceneScores(colour_ok=dominant in colours, colour_chance=len(colours) / len(PALETTE_NAMES),
+    return SceneScores(colour_ok=dominant in colours,
                        count_frames=count_frames, count_ok=count_ok, shape_measured=shape_measured,
                        shape_ok=bool(shape_ok), track_errors=errors, track_found=found,
                        track_total=len(scene.objects) * n_frames, contacts=len(contacts), onsets=len(onsets),

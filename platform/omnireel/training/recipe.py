@@ -97,9 +97,3 @@ def recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     return replace(RECIPES[name](), **overrides)
-
-
-def shipped_checkpoint():
-    """The trained demo checkpoint committed in the package (omnireel/checkpoints/demo)."""
-    from pathlib import Path
-    return Path(__file__).resolve().parent.parent / "checkpoints" / "demo"

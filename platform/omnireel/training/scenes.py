@@ -117,7 +117,7 @@ def caption(language: str, objects: list[tuple[str, str, str]], background: str,
         subject = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
         verb = ("falls and bounces" if len(phrases) == 1 else "fall and bounce") if n else (
             "falls" if len(phrases) == 1 else "fall")
-        motion = f"{verb} {bw}" if n else f"{verb} {bw}"
+        motion = f"{verb} {bw}"
         hit = " and hit each other" if collide else ""
         return f"{subject} {motion}{hit} on a {bg} floor"
     if language == "zh":

@@ -40,6 +40,8 @@ from ..model.audio import LOG_FLOOR, MelSpectrogram
 from ..model.backbone import ConditionTokens, OmniBackbone
 from ..model.layout import LayoutSpec, build_layout
 from ..model.omni import build_model
+from ..model.sampler import shift_sigma
+from ..model.vae import to_pixels
 from ..physics import plan_motion, warp_noise
 from ..plan import ScenePlan, language_index, plan_request
 from .recipe import EVAL_SEEDS, Recipe
@@ -65,8 +67,8 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def frames_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1], as the media encoder feeds the VAE."""
+    return to_pixels(torch.from_numpy(frames))
 
 
 def pad_frames(frames: np.ndarray, count: int) -> np.ndarray:
@@ -185,13 +187,8 @@ class Trainer:
         return self._text_encoder
 
     def log_mel(self, scene: Scene, audio_frames: int) -> torch.Tensor:
-        """(M, 4 * audio_frames) log-mel of the scene's soundtrack, padded as stages.encode_wave pads."""
-        cfg = self.config.audio
-        mel_frames = audio_frames * cfg.time_factor
-        wave = soundtrack(scene, cfg.sample_rate)
-        wave = np.pad(wave[: mel_frames * cfg.hop_length], (0, max(0, mel_frames * cfg.hop_length - wave.shape[0])))
-        mel = self.mel(torch.from_numpy(wave)[None])[0]
-        return F.pad(mel, (0, mel_frames - mel.shape[-1]), value=float(np.log(LOG_FLOOR)))
+        """(M, 4 * audio_frames) log-mel of the scene's soundtrack, cut and padded as the media encoder does."""
+        return self.mel.clip(torch.from_numpy(soundtrack(scene, self.config.audio.sample_rate)), audio_frames)
 
     # ---- stages --------------------------------------------------------------------------------
 
@@ -407,13 +404,10 @@ class Trainer:
         shift = self.config.sampler.shift
         cfg = backbone.cfg
 
-        def shifted(u):
-            return shift * u / (1 + (shift - 1) * u)
-
         u_video = torch.rand(k, generator=generator)
         independent = torch.rand(k, generator=generator) < 0.25      # some audio sigmas apart from video's
         u_audio = torch.where(independent, torch.rand(k, generator=generator), u_video)
-        s_video, s_audio = shifted(u_video), shifted(u_audio)
+        s_video, s_audio = shift_sigma(u_video, shift), shift_sigma(u_audio, shift)   # the sampler's schedule
         noise_v = torch.randn((k, *ex.video.shape), generator=generator)
         if physics:                                                  # stages.initial_noise's transport
             noise_v = torch.stack([warp_noise(n, ex.flow, ex.layer) for n in noise_v])
