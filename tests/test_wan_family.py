@@ -240,3 +240,23 @@ def test_components_honor_dtype(tiny, loaded):
     plan = FAMILY.plan(request(), loaded["a14b"][0])
     ours, _ = render({**parts, "voices": None, "media_encoder": None}, plan)
     assert torch.isfinite(ours.video).all()
+
+
+def test_an_injected_forward_runs_the_steps_expert_and_changes_nothing(loaded):
+    """The denoiser's one model call can be swapped (step batching, CFG-parallel): it receives the
+    expert the step chose and its inputs, and calling it gives the same latents."""
+    config, components = loaded["a14b"]
+    plan = FAMILY.plan(request(guidance_video=1.0), config)
+    expected, _ = render(components, plan)
+    denoiser, modules = components["backbone"], []
+
+    def forward(module, *args, **kwargs):
+        modules.append(denoiser.transformers.index(module))
+        return module(*args, **kwargs)
+
+    text = FAMILY.stage("encode_text")(components["text_encoder"], plan)
+    state = denoiser.prepare(plan, text, None, FAMILY.stage("encode_media")(components["media_encoder"], plan))
+    while state.done < state.steps:
+        denoiser.step([state], forward)
+    assert modules == state.experts == [0, 1]
+    assert torch.equal(denoiser.finish(state).video, expected.video)

@@ -187,9 +187,9 @@ def load_backbone_shard(directory: str | os.PathLike, mesh, device: str | torch.
     recomputes the non-persistent buffers (RoPE). Shapes are checked against the full checkpoint.
     """
     from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
 
     from .model.backbone import OmniBackbone
+    from .parallel.sliced_load import fill_local_shards
     from .parallel.tp import parallelize_backbone
 
     directory = Path(directory)
@@ -204,18 +204,7 @@ def load_backbone_shard(directory: str | os.PathLike, mesh, device: str | torch.
         check_state_dict(backbone.state_dict(), found, source=directory)   # full shapes
         parallelize_backbone(backbone, mesh)
         backbone.to_empty(device=device)
-        with torch.no_grad():
-            for name, tensor in backbone.state_dict(keep_vars=True).items():
-                if isinstance(tensor, DTensor) and tensor.placements[0].is_shard():
-                    local = tensor.to_local()               # (rows / N, cols) or (rows, cols / N)
-                    dim = tensor.placements[0].dim
-                    start = mesh.get_local_rank() * local.shape[dim]   # an even split: tp divides it
-                    index = [slice(None)] * local.dim()
-                    index[dim] = slice(start, start + local.shape[dim])
-                    local.copy_(weights.get_slice(prefix + name)[tuple(index)])   # only these bytes
-                else:                                       # replicated: the whole tensor
-                    target = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-                    target.copy_(weights.get_tensor(prefix + name))
+        fill_local_shards(backbone, lambda name: weights.get_slice(prefix + name), mesh.get_local_rank())
     backbone.rope.init_buffers()
     return backbone.eval()
 

@@ -15,6 +15,7 @@ family (the ScenePlan carries its family's name, so a stage call needs nothing e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -58,8 +59,9 @@ class Denoiser(Protocol):
 
     prepare builds a job's state (conditions, layout, the initial noise drawn exactly as the family's
     reference pipeline draws it); step advances every state in `states` by one sampler step through
-    `forward`, the one injected model call (default: the family's model module itself, so step
-    batching, CFG-parallel and sequence parallel can swap it); finish returns the latents.
+    `forward(module, *args, **kwargs)`, the one injected model call: it runs the model module the
+    family chose for the step (Wan 2.2's expert, say) on its inputs (default: module(*args, **kwargs)),
+    so step batching, CFG-parallel and sequence parallel can swap it; finish returns the latents.
     """
 
     def prepare(self, plan, text, voice, media) -> DenoiseState: ...
@@ -67,6 +69,11 @@ class Denoiser(Protocol):
     def step(self, states: list, forward: Callable | None = None) -> None: ...
 
     def finish(self, state) -> Any: ...
+
+
+def bind_forward(forward: Callable | None, module) -> Callable:
+    """The model call of one step: `module` itself, or the injected `forward` bound to it."""
+    return module if forward is None else partial(forward, module)
 
 
 class Family:

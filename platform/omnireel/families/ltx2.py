@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .base import FamilyLimits
+from .base import FamilyLimits, bind_forward
 from .diffusers_folder import DiffusersFamily, meta_module, read_json
 
 NEGATIVE_PROMPT = ""                 # LTX2Pipeline.encode_prompt's default negative prompt
@@ -525,11 +525,6 @@ class LTX2Denoiser:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-    def to(self, dtype: torch.dtype) -> "LTX2Denoiser":
-        self.transformer = self.transformer.to(dtype)
-        self.pipeline = partial_pipeline(self.config, transformer=self.transformer, scheduler=self.scheduler)
-        return self
-
     @torch.inference_mode()
     def prepare(self, plan, text, voice, media) -> LTX2DenoiseState:
         """The pipeline's noise (video, then audio, from one generator seeded with plan.seed), its
@@ -590,8 +585,8 @@ class LTX2Denoiser:
 
     @torch.inference_mode()
     def step(self, states: list[LTX2DenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state; `forward` (default: the transformer) is the only model call."""
-        forward = forward or self.transformer
+        """One sampler step of each state, the transformer called through `forward` (base.Denoiser)."""
+        forward = bind_forward(forward, self.transformer)
         for state in states:
             self.step_one(state, forward)
 

@@ -28,7 +28,7 @@ from ..model.text import mean_pool
 from ..model.vae import VideoVAE, to_pixels
 from ..plan import PlanError, ScenePlan, ShotPlan, first_frame, language_index, shot_latent_starts, storyboard_shots
 from ..stages import EncodedStream, GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings, mux
-from .base import OPTIONAL_REQUEST_FIELDS, Family, FamilyLimits
+from .base import OPTIONAL_REQUEST_FIELDS, Family, FamilyLimits, bind_forward
 
 # ---- components ------------------------------------------------------------------------------
 
@@ -234,8 +234,8 @@ class OmniDenoiser:
 
     @torch.inference_mode()
     def step(self, states: list[OmniDenoiseState], forward: Callable | None = None) -> None:
-        """One Euler step (with CFG) for each state; `forward` defaults to the backbone."""
-        forward = forward or self.backbone
+        """One Euler step (with CFG) for each state, the backbone called through `forward` (base.Denoiser)."""
+        forward = bind_forward(forward, self.backbone)
         for s in states:
             i = s.done
             s.video, s.audio = euler_step(forward, s.video, s.audio, float(s.sigmas[i]), float(s.sigmas[i + 1]),
@@ -244,10 +244,6 @@ class OmniDenoiser:
 
     def finish(self, state: OmniDenoiseState) -> GeneratedLatents:
         return GeneratedLatents(video=state.video[0].float().cpu(), audio=state.audio[0].float().cpu())
-
-    def to(self, dtype: torch.dtype) -> "OmniDenoiser":
-        self.backbone = self.backbone.to(dtype)
-        return self
 
 
 # ---- planning ---------------------------------------------------------------------------------------

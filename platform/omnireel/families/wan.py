@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from .base import FamilyLimits
+from .base import FamilyLimits, bind_forward
 from .diffusers_folder import DiffusersFamily, meta_module, read_json
 
 NEGATIVE_PROMPT = ""                 # WanPipeline.encode_prompt's default negative prompt
@@ -413,10 +413,6 @@ class WanDenoiser:
     def dtype(self) -> torch.dtype:
         return self.transformers[0].dtype
 
-    def to(self, dtype: torch.dtype) -> "WanDenoiser":
-        self.transformers = [t.to(dtype) for t in self.transformers]
-        return self
-
     @torch.inference_mode()
     def prepare(self, plan, text, voice, media) -> WanDenoiseState:
         """The pipeline's noise (one generator seeded with plan.seed), its scheduler's timesteps, the
@@ -454,7 +450,7 @@ class WanDenoiser:
 
     @torch.inference_mode()
     def step(self, states: list[WanDenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state; `forward` (default: the step's expert) is the only model call."""
+        """One sampler step of each state, the step's expert called through `forward` (base.Denoiser)."""
         for state in states:
             self.step_one(state, forward)
 
@@ -462,7 +458,7 @@ class WanDenoiser:
         """The pipeline's loop body: the expert for t, cond and uncond in one batch, CFG, the scheduler step."""
         t = s.timesteps[s.done]
         expert = self.expert(t)
-        model = forward or self.transformers[expert]
+        model = bind_forward(forward, self.transformers[expert])     # an injected forward keeps the expert switch
         noise = model(**model_inputs(s, t, self.dtype))[0]                  # (B, C, T, h, w)
         if s.cfg:
             scale = s.guidance if expert == 0 else s.guidance_2

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from ..model.backbone import ModalityLinear, OmniBackbone
@@ -128,3 +129,30 @@ def parameter_bytes_split(backbone: OmniBackbone) -> tuple[int, int]:
         else:
             replicated += size
     return split, replicated
+
+
+class HeadShardedRMSNorm(nn.Module):
+    """torch.nn.RMSNorm over the full inner dim D, for an input that holds this rank's D / N channels
+    (its heads): the sum of squares is all-reduced over the mesh, the weight is a Shard(0) DTensor."""
+
+    def __init__(self, norm: nn.RMSNorm, mesh: DeviceMesh):
+        super().__init__()
+        (self.full_dim,) = norm.normalized_shape
+        self.eps = norm.eps
+        self.group = mesh.get_group()
+        self.weight = None
+        if norm.weight is not None:                   # (D,) -> local (D / N,)
+            self.weight = nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Shard(0)]),
+                                       requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D / N) -> (B, L, D / N), normalized by the RMS of all D channels of each token."""
+        squares = x.float().square().sum(dim=-1, keepdim=True)            # (B, L, 1) this rank's channels
+        if squares.numel():                                               # every rank has the same shapes
+            dist.all_reduce(squares, group=self.group)                    # (B, L, 1) all D channels
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        out = (x.float() * torch.rsqrt(squares / self.full_dim + eps)).to(x.dtype)
+        return out if self.weight is None else out * local_tensor(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"full_dim={self.full_dim}, eps={self.eps}"

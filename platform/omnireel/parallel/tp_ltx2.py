@@ -21,23 +21,21 @@ and video_to_audio_attn) and both feed-forwards:
 Every attention is split (its heads are the video or the audio head count), so tp must divide both
 (check_tp_degree_ltx2). Everything else (embeddings, adaLN tables, caption projections, output heads,
 row-parallel biases) is replicated. Each planned Linear also runs `run_as_2d_under_no_grad` (tp.py).
-Weights load per rank by slice from the transformer's safetensors (one file or an index of shards).
+Weights load per rank by slice from the transformer's safetensors (one file or an index of shards:
+sliced_load.py).
 """
 from __future__ import annotations
 
-import json
 import os
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from .tp import local_tensor, run_as_2d_under_no_grad
+from .sliced_load import load_sharded
+from .tp import HeadShardedRMSNorm, run_as_2d_under_no_grad
 
 ATTENTIONS = ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
 ATTENTION_COLUMN_PARALLEL = ("to_q", "to_k", "to_v", "to_gate_logits")   # to_gate_logits: gated attention only
@@ -117,33 +115,6 @@ def parallelize_ltx2_transformer(transformer, mesh: DeviceMesh):
     return transformer
 
 
-class HeadShardedRMSNorm(nn.Module):
-    """torch.nn.RMSNorm over the full inner dim D, for an input that holds this rank's D / N channels
-    (its heads): the sum of squares is all-reduced over the mesh, the weight is a Shard(0) DTensor."""
-
-    def __init__(self, norm: nn.RMSNorm, mesh: DeviceMesh):
-        super().__init__()
-        (self.full_dim,) = norm.normalized_shape
-        self.eps = norm.eps
-        self.group = mesh.get_group()
-        self.weight = None
-        if norm.weight is not None:                   # (D,) -> local (D / N,)
-            self.weight = nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Shard(0)]),
-                                       requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D / N) -> (B, L, D / N), normalized by the RMS of all D channels of each token."""
-        squares = x.float().square().sum(dim=-1, keepdim=True)            # (B, L, 1) this rank's channels
-        if squares.numel():                                               # every rank has the same shapes
-            dist.all_reduce(squares, group=self.group)                    # (B, L, 1) all D channels
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        out = (x.float() * torch.rsqrt(squares / self.full_dim + eps)).to(x.dtype)
-        return out if self.weight is None else out * local_tensor(self.weight)
-
-    def extra_repr(self) -> str:
-        return f"full_dim={self.full_dim}, eps={self.eps}"
-
-
 def rope_slicer(rank: int, tp: int):
     """A forward hook for an LTX2AudioVideoRotaryPosEmbed: its (cos, sin) -> this rank's heads'.
     "split": (B, H, T, r) -> (B, H / N, T, r); "interleaved": (B, T, D) -> (B, T, D / N)."""
@@ -151,71 +122,6 @@ def rope_slicer(rank: int, tp: int):
         dim = 1 if rope.rope_type == "split" else -1
         return tuple(t.chunk(tp, dim=dim)[rank] for t in out)
     return hook
-
-
-def split_parameter_names(transformer) -> dict[str, int]:
-    """{name: the dim it is split on} for every parameter the plan shards (of a parallelized
-    transformer: its Shard placements)."""
-    return {name: p.placements[0].dim for name, p in transformer.named_parameters()
-            if isinstance(p, DTensor) and p.placements[0].is_shard()}
-
-
-# ---- sliced loading ------------------------------------------------------------------------------
-
-class SafetensorsFolder:
-    """A diffusers model folder's weights, read by name: one `diffusion_pytorch_model.safetensors`, or
-    shards listed by `diffusion_pytorch_model.safetensors.index.json`. Opens a shard on first use."""
-
-    def __init__(self, directory: str | os.PathLike):
-        from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
-
-        self.directory = Path(directory)
-        index = self.directory / SAFE_WEIGHTS_INDEX_NAME
-        single = self.directory / SAFETENSORS_WEIGHTS_NAME
-        if index.is_file():
-            self.files = json.loads(index.read_text())["weight_map"]      # name -> shard file name
-        elif single.is_file():
-            from safetensors import safe_open
-            with safe_open(single, framework="pt") as weights:
-                self.files = {name: SAFETENSORS_WEIGHTS_NAME for name in weights.keys()}
-        else:
-            raise FileNotFoundError(f"{self.directory}: neither {SAFETENSORS_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}")
-        self._open: dict[str, object] = {}
-        self._stack = ExitStack()
-
-    def __enter__(self) -> "SafetensorsFolder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._open.clear()
-
-    def get_slice(self, name: str):
-        """safetensors' lazy slice of tensor `name`: `[...]` reads only the indexed bytes."""
-        from safetensors import safe_open
-
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = self._stack.enter_context(safe_open(self.directory / file, framework="pt"))
-        return self._open[file].get_slice(name)
-
-    def meta_tensors(self) -> dict[str, torch.Tensor]:
-        """{name: a meta tensor of its full shape}, for check_state_dict."""
-        return {name: torch.empty(self.get_slice(name).get_shape(), device="meta") for name in self.files}
-
-
-def fill_local_shards(module: nn.Module, weights: SafetensorsFolder, rank: int) -> None:
-    """Copies each parameter's (and buffer's) local part from `weights`: a Shard(dim) DTensor gets
-    rows or columns [rank * n, (rank + 1) * n) of its tensor, read by slice; the rest is read whole."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            if isinstance(tensor, DTensor) and tensor.placements[0].is_shard():
-                local, dim = tensor.to_local(), tensor.placements[0].dim   # (out / N, in) or (out, in / N)
-                index = [slice(None)] * local.dim()
-                index[dim] = slice(rank * local.shape[dim], (rank + 1) * local.shape[dim])   # tp divides it
-                local.copy_(weights.get_slice(name)[tuple(index)])        # only these bytes
-            else:                                                         # replicated: the whole tensor
-                local_tensor(tensor).copy_(weights.get_slice(name)[:])
 
 
 def load_ltx2_backbone_shard(folder: str | os.PathLike, mesh: DeviceMesh, device="cpu",
@@ -227,7 +133,6 @@ def load_ltx2_backbone_shard(folder: str | os.PathLike, mesh: DeviceMesh, device
     plan, allocates only the local shards (`to_empty`) and fills each from `get_slice` (the transformer
     has no buffers to recompute: its RoPE is computed in forward). `dtype` defaults as the family's
     load_components does (float32 on the CPU, bfloat16 on a GPU)."""
-    from ..checkpoint import check_state_dict
     from ..families.diffusers_folder import load_subfolder, read_json, torch_dtype
     from ..families.ltx2 import LTX2Denoiser, meta_transformer, read_ltx2_config
 
@@ -239,10 +144,6 @@ def load_ltx2_backbone_shard(folder: str | os.PathLike, mesh: DeviceMesh, device
     if next(transformer.buffers(), None) is not None:
         raise ValueError(f"{folder / 'transformer'}: this LTX-2 transformer has buffers; the sliced loader "
                          f"would have to recompute them")
-    with SafetensorsFolder(folder / "transformer") as weights:
-        check_state_dict(transformer.state_dict(), weights.meta_tensors(), source=folder / "transformer")
-        parallelize_ltx2_transformer(transformer, mesh)
-        transformer.to_empty(device=device)
-        fill_local_shards(transformer, weights, mesh.get_local_rank())
+    load_sharded(transformer, folder / "transformer", parallelize_ltx2_transformer, mesh, device)
     return LTX2Denoiser(transformer.eval(), load_subfolder(folder, "scheduler", device, None),
                         read_ltx2_config(folder))

@@ -1,7 +1,7 @@
 """Tensor parallelism for diffusers' `WanTransformer3DModel`, applied from outside (DESIGN.md §3).
 
-diffusers' modules stay as they are; as in parallel/tp_ltx2.py (whose HeadShardedRMSNorm, sliced
-reader and shard filler this module calls), per block over a 1-D mesh of N ranks:
+diffusers' modules stay as they are; as in parallel/tp_ltx2.py (the across-heads norm is tp.py's
+HeadShardedRMSNorm, the sliced loading sliced_load.py's), per block over a 1-D mesh of N ranks:
 
     attn1 / attn2 to_q, to_k, to_v        ColwiseParallel  (out/N, in): this rank's heads
     attn2 add_k_proj, add_v_proj          ColwiseParallel  (Wan 2.1 I2V: the CLIP image tokens' K / V)
@@ -26,7 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from .tp import run_as_2d_under_no_grad
-from .tp_ltx2 import HeadShardedRMSNorm, SafetensorsFolder, fill_local_shards
+from .sliced_load import load_sharded
+from .tp import HeadShardedRMSNorm
 
 ATTENTIONS = ("attn1", "attn2")
 ATTENTION_COLUMN_PARALLEL = ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj")   # add_*: I2V only
@@ -113,15 +114,10 @@ def rebuild_rope(transformer, device) -> None:
 def load_wan_transformer_shard(folder: Path, mesh: DeviceMesh, device, dtype: torch.dtype):
     """This rank's shard of the WanTransformer3DModel in `folder`, read by slice (one safetensors file
     or an index of shards)."""
-    from ..checkpoint import check_state_dict
     from ..families.diffusers_folder import read_json
 
     transformer = meta_wan_transformer(read_json(folder / "config.json"), dtype)
-    with SafetensorsFolder(folder) as weights:
-        check_state_dict(transformer.state_dict(), weights.meta_tensors(), source=folder)
-        parallelize_wan_transformer(transformer, mesh)
-        transformer.to_empty(device=device)
-        fill_local_shards(transformer, weights, mesh.get_local_rank())
+    load_sharded(transformer, folder, parallelize_wan_transformer, mesh, device)
     rebuild_rope(transformer, device)
     return transformer.eval()
 
