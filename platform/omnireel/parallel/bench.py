@@ -83,17 +83,22 @@ def synthetic_inputs(cfg: BackboneConfig, spec: LayoutSpec, device, dtype):
     return video.to(device, dtype), audio.to(device, dtype), cond
 
 
-def seeded_backbone(cfg: BackboneConfig, device="cpu", dtype: torch.dtype = torch.float32) -> OmniBackbone:
-    """The benchmark's weights (seeded), built directly on `device` in `dtype`: a large config never
+def build_on(device, dtype: torch.dtype, build):
+    """`build()` with its parameters made directly on `device` in `dtype` (seeded): a large model never
     has a full float32 copy on the GPU."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             torch.manual_seed(WEIGHT_SEED)
-            return OmniBackbone(cfg).eval()
+            return build().eval()
     finally:
         torch.set_default_dtype(previous)
+
+
+def seeded_backbone(cfg: BackboneConfig, device="cpu", dtype: torch.dtype = torch.float32) -> OmniBackbone:
+    """The benchmark's omni backbone (seeded), built directly on `device` in `dtype`."""
+    return build_on(device, dtype, lambda: OmniBackbone(cfg))
 
 
 def _sync(device: torch.device) -> None:

@@ -45,11 +45,10 @@ def time_step(preset: str, shape: LTX2StepShape, steps: int) -> float:
     from diffusers import LTX2VideoTransformer3DModel
 
     from ..families.ltx2 import run_branches, synthetic_step_state
+    from .bench import build_on
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LTX2VideoTransformer3DModel(**(transformer_config(preset) or {}))
-    model = model.to(torch.bfloat16).eval()
+    model = build_on("cuda", torch.bfloat16,                 # 19B parameters: bf16 from the start (35 GiB)
+                     lambda: LTX2VideoTransformer3DModel(**(transformer_config(preset) or {})))
     state = synthetic_step_state(model, **shape.geometry())
     times = []
     for i in range(steps + 1):              # the first is a warm-up
