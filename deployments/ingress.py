@@ -262,6 +262,7 @@ class Ingress:
         self.config, self.digest = config, read_digest(args.checkpoint)
         self.family = get_family(config.family)
         self.model_id = args.model_name or self.family.model_id(config)
+        self.limits = self.family.limits_for(config)     # this checkpoint's (Wan TI2V-5B: sides of 32)
         self.started = int(time.time())
         self.policy = reference_policy(args)                 # the allow-list, as the core validates it
         self.voices = VoiceRegistry(args.voices_uri)         # the speaker encoder loads on the first add
@@ -494,7 +495,7 @@ class Ingress:
 
     def _model(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "omnireel",
-                "family": self.family.name, "limits": self.family.limits.describe()}
+                "family": self.family.name, "limits": self.limits.describe()}
 
     def _authorize(self, request: Request) -> None:
         if not self.args.api_keys:

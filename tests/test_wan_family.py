@@ -260,3 +260,9 @@ def test_an_injected_forward_runs_the_steps_expert_and_changes_nothing(loaded):
         denoiser.step([state], forward)
     assert modules == state.experts == [0, 1]
     assert torch.equal(denoiser.finish(state).video, expected.video)
+
+
+def test_limits_are_the_checkpoints_own(loaded):
+    """GET /v1/models publishes limits_for(config): TI2V-5B's VAE makes its sides multiples of 32."""
+    assert FAMILY.limits_for(loaded["t2v"][0]).size_multiple == 16
+    assert FAMILY.limits_for(loaded["ti2v"][0]).describe()["size_multiple"] == 32

@@ -14,7 +14,7 @@ family (the ScenePlan carries its family's name, so a stage call needs nothing e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -109,6 +109,11 @@ class Family:
     def stage(self, name: str) -> Callable:
         """The family's function for stage `name` (the denoise stage's is the shared engine)."""
         raise NotImplementedError
+
+    def limits_for(self, config) -> FamilyLimits:
+        """The limits of one checkpoint of this family (its size multiple can be the checkpoint's own)."""
+        size_multiple = getattr(config, "size_multiple", self.limits.size_multiple)
+        return replace(self.limits, size_multiple=max(size_multiple, self.limits.size_multiple))
 
     def model_id(self, config) -> str:
         """The model's id in the API (GET /v1/models) when the operator names none."""

@@ -139,7 +139,7 @@ class LTX2Config:
 
     @property
     def size_multiple(self) -> int:
-        return 32   # LTX2Pipeline.check_inputs: height and width divisible by 32
+        return LIMITS.size_multiple   # LTX2Pipeline.check_inputs: height and width divisible by 32
 
     @property
     def audio_latents_per_second(self) -> float:
