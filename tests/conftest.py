@@ -37,6 +37,16 @@ def wan_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ltx2_robot_reference(ltx2_checkpoint):
+    """LTX2Pipeline's own (pipe, video, audio) latents for ltx2_support.ROBOT: what the Serve and the
+    batch tests compare the served and rendered latents with."""
+    from ltx2_support import ROBOT, reference_latents
+
+    from omnireel.config import GenerationRequest
+    return reference_latents(ltx2_checkpoint, GenerationRequest(**ROBOT))
+
+
+@pytest.fixture(scope="session")
 def vllm_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint (same weights) with `text.backend = "vllm"` written into its config.json."""
     import dataclasses

@@ -6,12 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
-from ltx2_support import ROBOT
-from test_ltx2_family import denormalized, pipeline_arguments
+from ltx2_support import ROBOT, denormalized
 
 from omnireel import media, storage
-from omnireel.config import GenerationRequest
 from omnireel.pipelines import rows
 from omnireel.pipelines.render import LATENTS_EXTENSION, run_batch
 
@@ -32,21 +29,12 @@ def batch_run(ray_session, ltx2_checkpoint, tmp_path_factory):
     return run_batch(manifest, out, ltx2_checkpoint, replace(OPTIONS, save_latents=True)), out
 
 
-def test_a_batch_row_equals_ltx2_pipeline(batch_run, ltx2_checkpoint):
-    from diffusers import LTX2Pipeline
-
-    from omnireel.families.ltx2 import FAMILY
-
+def test_a_batch_row_equals_ltx2_pipeline(batch_run, ltx2_robot_reference):
     summary, out = batch_run
     assert (summary.rows, summary.rendered, summary.invalid, summary.failed) == (4, 1, 3, 0)
     (result,) = read_parquet(storage.join(out, "results.parquet"))
     latents = rows.decode_payload("latents", storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION)))
-    config = FAMILY.read_config(ltx2_checkpoint)
-    plan = FAMILY.plan(GenerationRequest(**ROBOT), config)
-    pipe = LTX2Pipeline.from_pretrained(ltx2_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    video, audio = pipe(**pipeline_arguments(plan, config.guidance), generator=torch.Generator().manual_seed(3),
-                        output_type="latent")
+    pipe, video, audio = ltx2_robot_reference
     ours_video, ours_audio = denormalized(pipe, latents)
     assert (ours_video - video).abs().max().item() <= 1e-4 and (ours_audio - audio).abs().max().item() <= 1e-4
     streams = {s["type"]: s for s in media.probe(storage.read_bytes(result["uri"]))}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltx2_support import build_tiny_ltx2
+from ltx2_support import build_tiny_ltx2, denormalized, pipeline_arguments
 
 from omnireel import media
 from omnireel.config import GenerationRequest
@@ -62,27 +62,6 @@ def render(components, plan, guidance: LTX2Guidance):
     return denoiser.finish(state)
 
 
-def pipeline_arguments(plan, guidance: LTX2Guidance) -> dict:
-    g = guidance.with_cfg(plan.guidance_video, plan.guidance_audio)
-    return dict(prompt=PROMPT, height=plan.height, width=plan.width, num_frames=FRAMES, frame_rate=float(plan.fps),
-                num_inference_steps=plan.steps, guidance_scale=g.guidance_scale,
-                audio_guidance_scale=g.audio_guidance_scale, stg_scale=g.stg_scale, audio_stg_scale=g.audio_stg_scale,
-                modality_scale=g.modality_scale, audio_modality_scale=g.audio_modality_scale,
-                guidance_rescale=g.guidance_rescale, audio_guidance_rescale=g.audio_guidance_rescale,
-                spatio_temporal_guidance_blocks=list(g.stg_blocks), use_cross_timestep=g.use_cross_timestep,
-                return_dict=False)
-
-
-def denormalized(pipe, latents):
-    """GeneratedLatents (normalized, unpacked) -> what the pipeline returns for output_type="latent"."""
-    video = pipe._denormalize_latents(latents.video[None], pipe.vae.latents_mean, pipe.vae.latents_std,
-                                      pipe.vae.config.scaling_factor)                  # (1, C, T, h, w)
-    frames, mel_bins = latents.audio.shape[1:]
-    packed = pipe._denormalize_audio_latents(pipe._pack_audio_latents(latents.audio[None]),
-                                             pipe.audio_vae.latents_mean, pipe.audio_vae.latents_std)
-    return video, pipe._unpack_audio_latents(packed, frames, num_mel_bins=mel_bins)   # (1, C, L, M)
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio of images in [0, 1], dB."""
     return float(10 * torch.log10(1 / ((a - b) ** 2).mean().clamp_min(1e-20)))
@@ -94,7 +73,7 @@ def snr(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 def check_parity(pipe, components, plan, guidance, ours, **pipeline_inputs):
     """ours (GeneratedLatents) against the pipeline's latents, frames and waveform for the same seed."""
-    arguments = {**pipeline_arguments(plan, guidance), **pipeline_inputs}
+    arguments = {**pipeline_arguments(plan, guidance, FRAMES), **pipeline_inputs}
     video, audio = pipe(**arguments, generator=torch.Generator().manual_seed(SEED), output_type="latent")
     our_video, our_audio = denormalized(pipe, ours)
     assert our_video.shape == video.shape and our_audio.shape == audio.shape

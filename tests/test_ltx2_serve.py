@@ -5,9 +5,7 @@ family cannot honor is a 400 naming the field."""
 from __future__ import annotations
 
 import pytest
-import torch
-from ltx2_support import ROBOT
-from test_ltx2_family import denormalized, pipeline_arguments
+from ltx2_support import ROBOT, denormalized
 
 from omnireel import media
 from omnireel.config import GenerationRequest
@@ -26,24 +24,8 @@ def ltx2_app(served, ltx2_checkpoint, tmp_path_factory):
         yield app
 
 
-@pytest.fixture(scope="module")
-def pipeline_latents(ltx2_checkpoint):
-    """LTX2Pipeline's own latents for REQUEST at its default guidance (what the app serves)."""
-    from diffusers import LTX2Pipeline
-
-    from omnireel.families.ltx2 import FAMILY
-
-    config = FAMILY.read_config(ltx2_checkpoint)
-    plan = FAMILY.plan(GenerationRequest(**REQUEST), config)
-    pipe = LTX2Pipeline.from_pretrained(ltx2_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    video, audio = pipe(**pipeline_arguments(plan, config.guidance), generator=torch.Generator().manual_seed(3),
-                        output_type="latent")
-    return pipe, video, audio
-
-
-def test_served_stages_equal_ltx2_pipeline(ltx2_app, pipeline_latents):
-    pipe, video, audio = pipeline_latents
+def test_served_stages_equal_ltx2_pipeline(ltx2_app, ltx2_robot_reference):
+    pipe, video, audio = ltx2_robot_reference
     served = served_latents(GenerationRequest(**REQUEST), app=APP)
     our_video, our_audio = denormalized(pipe, served)
     assert our_video.shape == video.shape and our_audio.shape == audio.shape
