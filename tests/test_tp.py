@@ -2,12 +2,12 @@
 loop with CFG; each rank holds half of the split weights plus the replicated ones; bad degrees fail."""
 from __future__ import annotations
 
-import datetime
 import re
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tp_support import gloo_rank, spawn_ranks
 
 from omnireel.checkpoint import load_checkpoint, read_config
 from omnireel.config import GenerationRequest, Shot
@@ -48,19 +48,14 @@ def denoise_inputs(config, image: bool = False):
 
 def tp_rank(rank: int, checkpoint: str, store: str, out: str) -> None:
     """One TP rank: join the gloo group, load this rank's shard, run the same denoise stage."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
     from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
 
     from omnireel.checkpoint import load_backbone_shard
     from omnireel.parallel.tp import resident_parameter_bytes
 
-    torch.set_num_threads(1)   # two ranks share the two test cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=TP,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        backbone = load_backbone_shard(checkpoint, init_device_mesh("cpu", (TP,)))
+    with gloo_rank(rank, TP, store) as mesh:
+        backbone = load_backbone_shard(checkpoint, mesh)
         shards = {}
         with safe_open(f"{checkpoint}/model.safetensors", framework="pt") as full:
             for name, p in backbone.named_parameters():
@@ -72,16 +67,11 @@ def tp_rank(rank: int, checkpoint: str, store: str, out: str) -> None:
         image = denoise(OmniDenoiser(backbone), *denoise_inputs(read_config(checkpoint), image=True))
         torch.save({"video": latents.video, "audio": latents.audio, "image": image.video,
                     "bytes": resident_parameter_bytes(backbone), "shards": shards}, f"{out}/rank{rank}.pt")
-        dist.barrier()   # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def tp2_run(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp2")
-    mp.spawn(tp_rank, args=(str(tiny_checkpoint), str(out / "store"), str(out)), nprocs=TP, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(TP)]
+    return spawn_ranks(tp_rank, (str(tiny_checkpoint),), TP, tmp_path_factory.mktemp("tp2"))
 
 
 def test_tp2_equals_tp1_over_a_guided_denoising_loop(tiny_checkpoint, tp2_run):

@@ -6,15 +6,14 @@ is saved as shards with an index; each rank holds exactly its rows or columns of
 bad degrees fail naming the heads; a BackboneGroup(tp=2) on Ray gives the same latents."""
 from __future__ import annotations
 
-import datetime
 import json
 import re
 import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ltx2_support import build_tiny_ltx2
+from tp_support import gloo_rank, shard_report, spawn_ranks
 
 from omnireel.config import GenerationRequest
 from omnireel.families.ltx2 import FAMILY
@@ -83,49 +82,25 @@ def full_tensors(checkpoint) -> dict[str, torch.Tensor]:
     return LTX2VideoTransformer3DModel.from_pretrained(checkpoint / "transformer").state_dict()
 
 
-def shard_report(transformer, full: dict[str, torch.Tensor], rank: int) -> dict:
-    """For each parameter: whether this rank holds exactly its chunk (split) or the whole tensor."""
-    from torch.distributed.tensor import DTensor
-
-    report = {}
-    for name, p in transformer.named_parameters():
-        dim = split_dim(name)
-        local = p.to_local() if isinstance(p, DTensor) else p
-        expected = full[name] if dim is None else full[name].chunk(TP, dim)[rank]
-        report[name] = (dim, local.shape == expected.shape and torch.equal(local, expected))
-    return report
-
-
 def tp_rank(rank: int, checkpoints: dict, store: str, out: str) -> None:
     """One TP rank: join the gloo group, load each checkpoint's shard by slice, run the denoise stage."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     from omnireel.parallel.tp import resident_parameter_bytes
 
-    torch.set_num_threads(1)   # two ranks share the two test cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=TP,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, TP, store) as mesh:
         results = {}
         for key, checkpoint in checkpoints.items():
-            denoiser = FAMILY.load_backbone_shard(checkpoint, init_device_mesh("cpu", (TP,)))
+            denoiser = FAMILY.load_backbone_shard(checkpoint, mesh)
             latents = denoise(denoiser, *denoise_inputs(FAMILY.read_config(checkpoint)))
             results[key] = {"video": latents.video, "audio": latents.audio,
                             "bytes": resident_parameter_bytes(denoiser.module),
-                            "shards": shard_report(denoiser.module, full_tensors(checkpoint), rank),
+                            "shards": shard_report(denoiser.module, full_tensors(checkpoint), rank, TP, split_dim),
                             "heads": {block.attn1.heads for block in denoiser.module.transformer_blocks}}
         torch.save(results, f"{out}/rank{rank}.pt")
-        dist.barrier()   # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def tp2_run(checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp2")
-    mp.spawn(tp_rank, args=(checkpoints, str(out / "store"), str(out)), nprocs=TP, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(TP)]
+    return spawn_ranks(tp_rank, (checkpoints,), TP, tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.fixture(scope="module")

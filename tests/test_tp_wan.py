@@ -4,12 +4,11 @@ second saved as shards with an index) and on Wan 2.1 I2V (the image tokens' adde
 holds exactly its rows or columns of the split tensors; bad degrees fail naming the heads."""
 from __future__ import annotations
 
-import datetime
 import re
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tp_support import gloo_rank, shard_report, spawn_ranks
 from wan_support import ROBOT, build_tiny_wan
 
 from omnireel.config import GenerationRequest
@@ -62,45 +61,24 @@ def denoise_inputs(config):
     return plan, text, VoiceEmbeddings(speakers=torch.zeros(0, 0)), media
 
 
-def shard_report(modules, full: list[dict], rank: int) -> dict:
-    from torch.distributed.tensor import DTensor
-
-    report = {}
-    for index, (module, tensors) in enumerate(zip(modules, full)):
-        for name, p in module.named_parameters():
-            dim = split_dim(name)
-            local = p.to_local() if isinstance(p, DTensor) else p
-            expected = tensors[name] if dim is None else tensors[name].chunk(TP, dim)[rank]
-            report[f"{index}:{name}"] = (dim, local.shape == expected.shape and torch.equal(local, expected))
-    return report
-
-
 def tp_rank(rank: int, checkpoints: dict, store: str, out: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(1)   # two ranks share the two test cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=TP,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, TP, store) as mesh:
         results = {}
         for key, checkpoint in checkpoints.items():
-            denoiser = FAMILY.load_backbone_shard(checkpoint, init_device_mesh("cpu", (TP,)))
+            denoiser = FAMILY.load_backbone_shard(checkpoint, mesh)
             latents = denoise(denoiser, *denoise_inputs(FAMILY.read_config(checkpoint)))
             full = [t.state_dict() for t in FAMILY.load_components(checkpoint, {"backbone"})["backbone"].transformers]
-            results[key] = {"video": latents.video, "shards": shard_report(denoiser.transformers, full, rank),
+            shards = {}
+            for index, (module, tensors) in enumerate(zip(denoiser.transformers, full)):
+                shards.update(shard_report(module, tensors, rank, TP, split_dim, prefix=f"{index}:"))
+            results[key] = {"video": latents.video, "shards": shards,
                             "heads": {b.attn1.heads for t in denoiser.transformers for b in t.blocks}}
         torch.save(results, f"{out}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def tp2_run(checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp2")
-    mp.spawn(tp_rank, args=(checkpoints, str(out / "store"), str(out)), nprocs=TP, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(TP)]
+    return spawn_ranks(tp_rank, (checkpoints,), TP, tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.mark.parametrize("key", ["a14b", "i2v"])
