@@ -145,7 +145,8 @@ def reference_latents(folder, request):
     guidance, as the app serves it: (pipe, video latents, audio latents) for output_type="latent"."""
     from diffusers import LTX2Pipeline
 
-    from omnireel.families.ltx2 import FAMILY, generated_frames
+    from omnireel.families.diffusers_folder import generated_frames
+    from omnireel.families.ltx2 import FAMILY
 
     config = FAMILY.read_config(folder)
     plan = FAMILY.plan(request, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -70,6 +71,23 @@ def torch_dtype(dtype: str | None, device) -> torch.dtype:
     if dtype is None:
         return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     return getattr(torch, dtype)
+
+
+def pipeline_default(pipeline_class, name: str):
+    """The default of `pipeline_class.__call__`'s argument `name` (a diffusers pipeline)."""
+    return inspect.signature(pipeline_class.__call__).parameters[name].default
+
+
+def generated_frames(plan, config) -> int:
+    """The frame count the plan is generated at (1 + t * k for the VAE's time compression t,
+    >= plan.num_frames): the pipeline's num_frames."""
+    return 1 + config.vae_temporal_compression * (plan.latent_frames - 1)
+
+
+def encode_voice(component, plan):
+    """No diffusers family binds voices: empty VoiceEmbeddings."""
+    from ..stages import VoiceEmbeddings
+    return VoiceEmbeddings(speakers=torch.zeros(0, 0))
 
 
 class DiffusersFamily(Family):

@@ -27,7 +27,6 @@ pipeline's default). See TEXT_PARTS and text_parts().
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 
 from .base import FamilyLimits, bind_forward
-from .diffusers_folder import DiffusersFamily, meta_module, read_json
+from . import diffusers_folder
+from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
 
 NEGATIVE_PROMPT = ""                 # LTX2Pipeline.encode_prompt's default negative prompt
 STG_BLOCK = 28                       # LTX2Pipeline's default spatio_temporal_guidance_blocks=[28]
@@ -51,7 +51,7 @@ MAX_SECONDS = 10.0                   # what one replica is sized for (~241 frame
 def pipeline_default(name: str):
     """The default of LTX2Pipeline.__call__'s argument `name`."""
     from diffusers import LTX2Pipeline
-    return inspect.signature(LTX2Pipeline.__call__).parameters[name].default
+    return diffusers_folder.pipeline_default(LTX2Pipeline, name)
 
 
 @dataclass(frozen=True)
@@ -248,11 +248,6 @@ def plan_ltx2(request, config: LTX2Config):
         input_reference=request.input_reference, family="ltx2")
 
 
-def generated_frames(plan, config: LTX2Config) -> int:
-    """The frame count the plan is generated at (1 + 8k, >= plan.num_frames)."""
-    return 1 + config.vae_temporal_compression * (plan.latent_frames - 1)
-
-
 # ---- loading -----------------------------------------------------------------------------------
 
 def partial_pipeline(config: LTX2Config, **modules):
@@ -361,11 +356,6 @@ def encode_text(encoder: LTX2TextEncoder, plan):
     from ..stages import TextEmbeddings
     cfg = plan.guidance_video > 1.0 or plan.guidance_audio > 1.0
     return TextEmbeddings(captions=encoder.encode(plan.captions[0], negative=cfg))
-
-
-def encode_voice(component, plan):
-    from ..stages import VoiceEmbeddings
-    return VoiceEmbeddings(speakers=torch.zeros(0, 0))
 
 
 def encode_media(encoder: LTX2ImageEncoder, plan):

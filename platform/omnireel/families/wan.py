@@ -28,7 +28,6 @@ tokens as (1, L_image, image_dim) (else it is empty).
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from typing import Callable
 import torch
 
 from .base import FamilyLimits, bind_forward
-from .diffusers_folder import DiffusersFamily, meta_module, read_json
+from . import diffusers_folder
+from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
 
 NEGATIVE_PROMPT = ""                 # WanPipeline.encode_prompt's default negative prompt
 MAX_SECONDS = 10.0                   # what one replica is sized for (161 frames at 16 fps, 1280x720)
@@ -48,7 +48,7 @@ PIPELINE_MULTIPLE = 16               # WanPipeline.check_inputs: height and widt
 def pipeline_default(name: str):
     """The default of WanPipeline.__call__'s argument `name`."""
     from diffusers import WanPipeline
-    return inspect.signature(WanPipeline.__call__).parameters[name].default
+    return diffusers_folder.pipeline_default(WanPipeline, name)
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -179,11 +179,6 @@ def plan_wan(request, config: WanConfig):
         input_reference=request.input_reference, family="wan")
 
 
-def generated_frames(plan, config: WanConfig) -> int:
-    """The frame count the plan is generated at (1 + 4k, >= plan.num_frames): WanPipeline's num_frames."""
-    return 1 + config.vae_temporal_compression * (plan.latent_frames - 1)
-
-
 def uses_cfg(plan) -> bool:
     return plan.guidance_video > 1.0     # WanPipeline.do_classifier_free_guidance
 
@@ -263,11 +258,6 @@ class WanVideoDecoder:
 def encode_text(encoder: WanTextEncoder, plan):
     from ..stages import TextEmbeddings
     return TextEmbeddings(captions=encoder.encode(plan.captions[0], negative=uses_cfg(plan)))
-
-
-def encode_voice(component, plan):
-    from ..stages import VoiceEmbeddings
-    return VoiceEmbeddings(speakers=torch.zeros(0, 0))
 
 
 def no_media(plan):
