@@ -88,25 +88,36 @@ def test_kuberay_manifests_validate_against_their_crd(kind):
 
 
 def test_a_typo_in_a_field_name_is_caught():
-    service = next(d for _, d in manifests() if d["kind"] == "RayService")
+    service = rayservice("rayservice.yaml")
     broken = copy.deepcopy(service)
     broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
     assert any("maxReplica" in e.message for e in crd_validator("RayService").iter_errors(broken))
 
 
-def rayservice() -> dict:
-    return next(d for _, d in manifests() if d["kind"] == "RayService")
+# Each RayService and the Serve config its serveConfigV2 must equal (cluster values aside).
+SERVICE_CONFIGS = {"rayservice.yaml": "serve_config.yaml", "rayservice-ltx2.yaml": "serve_config_ltx2.yaml",
+                   "rayservice-wan.yaml": "serve_config_wan.yaml"}
 
 
-def test_serve_config_v2_is_the_repo_serve_config():
+def rayservice(name: str) -> dict:
+    return next(d for n, d in manifests() if n == name and d["kind"] == "RayService")
+
+
+def test_every_rayservice_has_its_serve_config():
+    services = {n for n, d in manifests() if d["kind"] == "RayService"}
+    assert services == set(SERVICE_CONFIGS), "a RayService without a serve config to check it against"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_CONFIGS))
+def test_serve_config_v2_is_the_repo_serve_config(name):
     from ray.serve.schema import ServeDeploySchema
-    cluster = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    cluster = yaml.safe_load(rayservice(name)["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(cluster)
-    repo = yaml.safe_load((REPO / "deployments" / "serve_config.yaml").read_text())
+    repo = yaml.safe_load((REPO / "deployments" / SERVICE_CONFIGS[name]).read_text())
     cluster_app, repo_app = cluster["applications"][0], repo["applications"][0]
     changed = {k for k in set(cluster_app["args"]) | set(repo_app["args"])
                if cluster_app["args"].get(k) != repo_app["args"].get(k)}
-    assert changed <= CLUSTER_ARGS, f"serveConfigV2 args drifted from serve_config.yaml: {sorted(changed - CLUSTER_ARGS)}"
+    assert changed <= CLUSTER_ARGS, f"serveConfigV2 args drifted from {SERVICE_CONFIGS[name]}: {sorted(changed - CLUSTER_ARGS)}"
     strip = lambda app: {k: v for k, v in app.items() if k != "args"}  # noqa: E731
     assert strip(cluster_app) == strip(repo_app), "import path, route or deployments drifted"
     assert {k: v for k, v in cluster.items() if k != "applications"} == \
@@ -115,8 +126,13 @@ def test_serve_config_v2_is_the_repo_serve_config():
     AppArgs.model_validate(cluster_app["args"])      # the cluster's args are valid build_app args
 
 
-def test_cluster_shape_fits_the_serve_config():
-    spec = rayservice()["spec"]
+def gpus(group: dict) -> int:
+    return int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_CONFIGS))
+def test_cluster_shape_fits_the_serve_config(name):
+    spec = rayservice(name)["spec"]
     cluster = spec["rayClusterConfig"]
     args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -124,11 +140,11 @@ def test_cluster_shape_fits_the_serve_config():
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     for g in groups.values():
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
-
-    def gpus(group):
-        return int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-
+    # a Backbone replica is one placement group of `tp` GPUs on one node; a stage with stage_gpus needs a
+    # GPU pod that holds one replica
     assert max(gpus(g) for g in groups.values()) >= args["tp"], "no GPU group can hold one TP group"
+    for stage, count in args.get("stage_gpus", {}).items():
+        assert count == 0 or max(gpus(g) for g in groups.values()) >= count, f"no GPU group for {stage}"
     for g in groups.values():
         if gpus(g):
             assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"].get("tolerations", []))
@@ -144,7 +160,4 @@ def test_rayjob_entrypoint_is_a_valid_batch_command():
     assert argv[:3] == ["python", "-m", "omnireel.pipelines.render"]
     args = build_parser().parse_args(["batch", *argv[3:]])
     assert args.manifest.startswith("s3://") and args.out.startswith("s3://") and args.pushgateway
-    gpu_groups = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
-    assert any(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= args.tp
-               for g in gpu_groups)
+    assert any(gpus(g) >= args.tp for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
