@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A batch whose pools cannot be placed fails in 5 minutes, naming the operators, not in Ray's 30.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -68,11 +70,12 @@ def tiny_engine(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray, started once for the whole test session (no dashboard). 6 logical CPUs: the shared Serve
-    app holds 2.2 of them while it runs, and a batch run (3 one-CPU pools) must fit beside it."""
+    """Ray, started once for the whole test session (no dashboard). 8 logical CPUs: the shared Serve
+    app holds 2.2 of them while it runs, a family's app beside it (test_*_drivers, test_ltx2_serve)
+    1.9 more, and a batch run (3 one-CPU pools) must fit beside both."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False)
+        ray.init(num_cpus=8, include_dashboard=False)
     yield ray
     ray.shutdown()
 

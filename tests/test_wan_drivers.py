@@ -41,6 +41,40 @@ def pipeline_latents(wan_checkpoint):
     return latents
 
 
+# The batch tests come first: a module fixture lives until the module ends, so the Wan Serve app
+# (~1.9 logical CPUs) would otherwise still hold its replicas while the three batch pools start.
+
+@pytest.fixture(scope="module")
+def batch_run(ray_session, wan_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan-batch")
+    manifest = write_manifest(str(root / "manifest.parquet"), [
+        dict(id="robot", **ROBOT),
+        dict(id="voiced", **ROBOT, voices='[{"character": "ANNA", "voice_id": "anna"}]'),
+        dict(id="song", **ROBOT, mode="audio"),
+        dict(id="talky", **ROBOT, language="ko"),
+    ])
+    out = str(root / "out")
+    return run_batch(manifest, out, wan_checkpoint, replace(OPTIONS, save_latents=True)), out
+
+
+def test_a_batch_row_equals_wan_pipeline(batch_run, pipeline_latents):
+    summary, out = batch_run
+    assert (summary.rows, summary.rendered, summary.invalid, summary.failed) == (4, 1, 3, 0)
+    (result,) = read_parquet(storage.join(out, "results.parquet"))
+    saved = storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION))
+    latents = rows.decode_payload("latents", saved)
+    assert (latents.video - pipeline_latents[0]).abs().max().item() <= 1e-4
+    (stream,) = media.probe(storage.read_bytes(result["uri"]))
+    assert (stream["type"], stream["codec"], stream["frames"]) == ("video", "h264", 9)
+
+
+def test_rows_the_family_cannot_honor_name_their_field(batch_run):
+    _, out = batch_run
+    errors = {e["id"]: e for e in read_parquet(storage.join(out, "errors.parquet"))}
+    assert {name: e["field"] for name, e in errors.items()} == {"voiced": "voices", "song": "mode", "talky": "language"}
+    assert all(e["message"].startswith(e["field"] + ":") and "wan family" in e["message"] for e in errors.values())
+
+
 @pytest.fixture(scope="module")
 def wan_app(served, wan_checkpoint, tmp_path_factory):
     """build_app on the Wan folder at tp=1, as its own Serve application beside the shared one."""
@@ -80,34 +114,3 @@ def test_sound_and_voices_are_a_400_naming_the_field(wan_app, fields, field):
     error = response.json()["error"]
     assert error["param"] == field and error["message"].startswith(f"{field}:")
     assert "not supported by the wan family" in error["message"]
-
-
-@pytest.fixture(scope="module")
-def batch_run(ray_session, wan_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan-batch")
-    manifest = write_manifest(str(root / "manifest.parquet"), [
-        dict(id="robot", **ROBOT),
-        dict(id="voiced", **ROBOT, voices='[{"character": "ANNA", "voice_id": "anna"}]'),
-        dict(id="song", **ROBOT, mode="audio"),
-        dict(id="talky", **ROBOT, language="ko"),
-    ])
-    out = str(root / "out")
-    return run_batch(manifest, out, wan_checkpoint, replace(OPTIONS, save_latents=True)), out
-
-
-def test_a_batch_row_equals_wan_pipeline(batch_run, pipeline_latents):
-    summary, out = batch_run
-    assert (summary.rows, summary.rendered, summary.invalid, summary.failed) == (4, 1, 3, 0)
-    (result,) = read_parquet(storage.join(out, "results.parquet"))
-    saved = storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION))
-    latents = rows.decode_payload("latents", saved)
-    assert (latents.video - pipeline_latents[0]).abs().max().item() <= 1e-4
-    (stream,) = media.probe(storage.read_bytes(result["uri"]))
-    assert (stream["type"], stream["codec"], stream["frames"]) == ("video", "h264", 9)
-
-
-def test_rows_the_family_cannot_honor_name_their_field(batch_run):
-    _, out = batch_run
-    errors = {e["id"]: e for e in read_parquet(storage.join(out, "errors.parquet"))}
-    assert {name: e["field"] for name, e in errors.items()} == {"voiced": "voices", "song": "mode", "talky": "language"}
-    assert all(e["message"].startswith(e["field"] + ":") and "wan family" in e["message"] for e in errors.values())
