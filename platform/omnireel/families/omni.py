@@ -33,7 +33,7 @@ from .base import OPTIONAL_REQUEST_FIELDS, Family, FamilyLimits, bind_forward
 # ---- components ------------------------------------------------------------------------------
 
 @dataclass
-class MediaEncoder:
+class OmniMediaEncoder:
     """Reference media -> clean latents: the video VAE's encoder and the audio codec's."""
     vae: VideoVAE
     codec: AudioCodec | None
@@ -55,7 +55,7 @@ class MediaEncoder:
 
 
 @dataclass
-class AudioDecoder:
+class OmniAudioDecoder:
     """Audio latents -> waveform: the codec's decoder then the vocoder."""
     codec: AudioCodec
     vocoder: Vocoder
@@ -80,7 +80,7 @@ def encode_voice(registry, plan: ScenePlan) -> VoiceEmbeddings:
     return VoiceEmbeddings(speakers=registry.embeddings([voice_id for _, voice_id in plan.voices]))
 
 
-def encode_media(encoder: MediaEncoder, plan: ScenePlan) -> MediaLatents:
+def encode_media(encoder: OmniMediaEncoder, plan: ScenePlan) -> MediaLatents:
     """Elements -> clean ref latents; input_reference -> the clean first latent; input_video -> clean
     leading latents (as many whole latents as it covers, leaving at least one to generate);
     input_audio -> clean audio latents; mode "audio" -> one blank clean video latent; physics ->
@@ -155,7 +155,7 @@ def decode_video(vae: VideoVAE, plan: ScenePlan, latents: GeneratedLatents) -> E
     return EncodedStream(media.encode_video(pixels, plan.fps), "video/mp4")
 
 
-def decode_audio(audio_decoder: AudioDecoder, plan: ScenePlan, latents: GeneratedLatents) -> EncodedStream:
+def decode_audio(audio_decoder: OmniAudioDecoder, plan: ScenePlan, latents: GeneratedLatents) -> EncodedStream:
     if plan.output == "image":
         return EncodedStream(b"", "audio/none")
     sample_rate = audio_decoder.codec.cfg.sample_rate
@@ -316,8 +316,8 @@ def build_components(parts, config: ModelConfig, text_encoder, names=None, voice
         "voices": lambda: VoiceRegistry(voices),
         "backbone": lambda: OmniDenoiser(parts["backbone"]),
         "vae": lambda: parts["vae"],
-        "media_encoder": lambda: MediaEncoder(parts["vae"], parts["audio_codec"]),
-        "audio_decoder": lambda: AudioDecoder(parts["audio_codec"], Vocoder(config.audio)),
+        "media_encoder": lambda: OmniMediaEncoder(parts["vae"], parts["audio_codec"]),
+        "audio_decoder": lambda: OmniAudioDecoder(parts["audio_codec"], Vocoder(config.audio)),
     }
     return {name: make() for name, make in makers.items() if names is None or name in names}
 
