@@ -19,7 +19,9 @@ def test_the_omni_family_reproduces_the_latents_saved_before_the_refactor(tiny_e
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         assert got[name].shape == tensor.shape, name
-        assert (got[name] - tensor).abs().max().item() <= 1e-6, name
+        # bit-exact on the CPU that saved them; another CPU's float kernels (AVX-512 or not) move a
+        # few ulps (1.2e-6 seen on an AMD EPYC): a refactor that changed the maths moves far more
+        assert (got[name] - tensor).abs().max().item() <= 1e-5, name
     assert expected["shots_voice.video"].abs().max() > 0.1     # a real signal
 
 
