@@ -27,6 +27,10 @@ Errors are {"error": {message, type, param, code}}: 400 bad input, 401 missing/w
 unknown id (a video, a voice, or a voice bound by a create: param voices.<i>.voice_id), 409
 Idempotency-Key reuse, 413 too large, 415 content type, 429/503 with Retry-After.
 
+Uploads (a form file or a data: URL in input_reference, input_video, input_audio, elements) are
+decoded once here, stored once under `<storage_uri>/uploads/<sha256>` and named by that URI in the
+job; the JobStore deletes an upload with the last job naming it.
+
 Voices live in the registry at AppArgs.voices_uri, the one the encode_voice stage reads (and
 `omnireel voices` and batch --voice-store share). Registering one runs the speaker encoder here, in
 a thread; its weights load on the first registration, never at start-up.

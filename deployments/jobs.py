@@ -55,6 +55,8 @@ logger = logging.getLogger("ray.serve")
 ACTIVE = ("queued", "in_progress")
 PROGRESS_START, PROGRESS_DENOISED = 1, 95      # progress while denoising runs from 1 to 95, then 100
 PROGRESS_PERSIST_S = 1.0                       # progress alone is written at most this often per job
+ORPHAN_UPLOAD_S = 3600.0                       # an upload no job names this long after it was written is
+                                               # collected (its ingress died between storing it and the create)
 # Failures that mean "a replica went away", not "this request is bad": the job is retried.
 REPLICA_LOST = (RayActorError, DeploymentUnavailableError, RankFailure)
 
@@ -293,13 +295,25 @@ class JobBook:
             storage.delete(uri)
 
     def collect(self) -> list[str]:
-        """Removes every finished job past its expires_at; returns their ids."""
+        """Removes every finished job past its expires_at, and orphaned uploads; returns the jobs' ids."""
         now = self.clock()
         expired = [r.id for r in self.jobs.values()
                    if not r.active and r.expires_at is not None and r.expires_at <= now]
         for job_id in expired:
             self.remove(job_id)
+        self.collect_orphans()
         return expired
+
+    def collect_orphans(self, after_s: float = ORPHAN_UPLOAD_S) -> list[str]:
+        """Deletes the uploads no job names that were written more than `after_s` ago (wall clock:
+        the store's own); returns their URIs. A create that still comes for one gets UploadGone."""
+        named = {uri.rsplit("/", 1)[-1] for r in self.jobs.values() for uri in r.uploads}
+        orphans = []
+        for uri in storage.list_prefix(storage.uploads_prefix(self.storage_uri)):
+            if uri.rsplit("/", 1)[-1] not in named and time.time() - storage.modified(uri) > after_s:
+                storage.delete(uri)
+                orphans.append(uri)
+        return orphans
 
 
 @serve.deployment(max_ongoing_requests=1000, health_check_period_s=2, graceful_shutdown_timeout_s=5)

@@ -8,6 +8,9 @@ upload (input_reference, input_video, input_audio, elements): size (413), then i
 duration from the container header (400; no frame or sample is decoded) -> request validation with
 the core's GenerationRequest under the app's ReferencePolicy (400 naming the field; reference URIs
 meet the allow-list there, the same check manifests and the CLI get).
+An upload is decoded here once (a data: URL's base64; a form file is bytes already) and named from
+then on by the URI it is stored at, `<storage_uri>/uploads/<sha256>` (admit_request); the ingress
+writes it once, then creates the job. A request naming a stored upload itself is a 400 naming the field.
 A voice upload (POST /v1/voices) gets the same size check (413) before the registry decodes it.
 """
 from __future__ import annotations

@@ -60,7 +60,8 @@ MAX_ELEMENTS = 4
 MAX_REFERENCE_CHARS = 2048
 """Longest reference URI (data: URIs excepted: they are limited by MAX_UPLOAD_BYTES)."""
 MAX_UPLOAD_BYTES = 20 * 2**20
-"""Largest inline upload (a data: URI's decoded bytes) and largest fetched reference, in bytes."""
+"""Largest inline upload (a data: URI's decoded bytes) and largest fetched reference (a stored upload
+included), in bytes."""
 MAX_INPUT_SECONDS = MAX_SECONDS
 """Longest input video or input audio, in seconds (checked from the container before decoding)."""
 STORYBOARDS = ("rules", "llm")

@@ -2,6 +2,10 @@
 
 Writes are atomic: local files go to a temporary name in the same folder and are renamed; object
 stores commit a PUT whole, so a reader never sees half an object.
+
+Uploads (the Serve app's input_reference, input_video, input_audio, elements) are content-addressed:
+`<storage_uri>/uploads/<sha256 of the bytes>`, written once (write_once: only if absent), so the same
+bytes are one object however many jobs name them; names_upload tells such a name from any other URI.
 """
 from __future__ import annotations
 
@@ -57,6 +61,12 @@ def read_bytes(uri: str) -> bytes:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
+
+
+def modified(uri: str) -> float:
+    """When the object was last written, in unix seconds."""
+    fs, path = filesystem(uri)
+    return fs.modified(path).timestamp()
 
 
 def join(prefix: str, *parts: str) -> str:
