@@ -5,7 +5,8 @@ Components: text_encoder (model/text.py), voices (the voice registry), media_enc
 audio codec encoders), backbone (an OmniDenoiser over the OmniBackbone), vae (the video decoder),
 audio_decoder (audio codec + vocoder). The any-to-any choice is the per-token timestep rule:
 encode_media returns the clean parts (reference latents, leading video latents, audio latents) and
-the denoiser marks exactly those tokens clean; everything else is generated.
+the denoiser marks exactly those tokens clean; everything else is generated. An input_audio is
+decoded once, in encode_media, which also hands decode_audio the soundtrack (MediaLatents.soundtrack).
 """
 from __future__ import annotations
 
