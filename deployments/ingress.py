@@ -27,6 +27,10 @@ Errors are {"error": {message, type, param, code}}: 400 bad input, 401 missing/w
 unknown id (a video, a voice, or a voice bound by a create: param voices.<i>.voice_id), 409
 Idempotency-Key reuse, 413 too large, 415 content type, 429/503 with Retry-After.
 
+Uploads (a form file or a data: URL in input_reference, input_video, input_audio, elements) are
+decoded once here, stored once under `<storage_uri>/uploads/<sha256>` and named by that URI in the
+job; the JobStore deletes an upload with the last job naming it.
+
 Voices live in the registry at AppArgs.voices_uri, the one the encode_voice stage reads (and
 `omnireel voices` and batch --voice-store share). Registering one runs the speaker encoder here, in
 a thread; its weights load on the first registration, never at start-up.
@@ -61,9 +65,9 @@ from omnireel.plan import PlanError, plan_request
 from omnireel.storyboard import StoryboardError, resolve_storyboard
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
-from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor
-from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, check_media_fields, generation_request,
-                              parse_body, read_body, reference_policy, voice_upload)
+from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
+from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, admit_request, parse_body, read_body,
+                              reference_policy, voice_upload)
 
 logger = logging.getLogger("ray.serve")
 
@@ -73,6 +77,7 @@ WAIT_MARGIN_S = 2.0             # a long poll answers within wait_s + this, what
 HEALTH_REFRESH_S = 1.0          # a probe finding the controller's view older than this starts a fresh read
 HEALTH_STALE_S = 10.0           # ... and waits for it only when the view is older than this (or absent)
 CONTROLLER_TIMEOUT_S = 5.0      # a status read that takes longer keeps the last one (the controller restarts)
+UPLOAD_ATTEMPTS = 3             # tries to store a create's uploads and create its job (see _create)
 API_DEPLOYMENTS = ("Ingress", "JobStore")   # what /readyz needs: without them no request is answered
 
 
@@ -511,8 +516,7 @@ class Ingress:
         if model not in (None, "", self.model_id):
             raise APIError(400, f"model: unknown model {model!r}; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")
-        check_media_fields(fields, self.args)
-        generation = generation_request(fields, "image" if kind == "image" else "video", self.policy)
+        generation, uploads = admit_request(fields, "image" if kind == "image" else "video", self.args, self.policy)
         if generation.storyboard == "llm":        # planned once, here: the job carries the shots
             try:
                 generation = await asyncio.to_thread(resolve_storyboard, generation)
@@ -526,15 +530,26 @@ class Ingress:
             await asyncio.to_thread(self.voices.check_bindings, generation.voices)
         except VoiceNotFound as exc:
             raise unknown_voice(exc)
-        try:
-            record, _ = await self._ask_store("create", kind, self.model_id, normalized(generation),
-                                              request_key(generation, self.digest), self._idempotency_key(request))
-        except QueueFull as exc:
-            raise APIError(429, str(exc), code="queue_full",
-                           headers={"Retry-After": str(self.args.retry_after_s)})
-        except IdempotencyConflict as exc:
-            raise APIError(409, str(exc), code="idempotency_conflict")
-        return record
+        create = (kind, self.model_id, normalized(generation), request_key(generation, self.digest),
+                  self._idempotency_key(request), sorted(uploads))
+        for _ in range(UPLOAD_ATTEMPTS):
+            # written once (absent ones only), before the job that names them exists; the store
+            # checks they still exist as it creates the job (a job deleted meanwhile may have taken them)
+            await asyncio.to_thread(lambda: [storage.write_once(uri, data) for uri, data in uploads.items()])
+            try:
+                record, _ = await self._ask_store("create", *create)
+            except UploadGone:
+                continue
+            except (QueueFull, IdempotencyConflict) as exc:
+                if uploads:                       # no job names them: the store drops those no other job names
+                    await self._ask_store("release", sorted(uploads))
+                if isinstance(exc, QueueFull):
+                    raise APIError(429, str(exc), code="queue_full",
+                                   headers={"Retry-After": str(self.args.retry_after_s)})
+                raise APIError(409, str(exc), code="idempotency_conflict")
+            return record
+        raise APIError(503, "uploads were collected while the job was being created; retry", code="unavailable",
+                       headers={"Retry-After": str(self.args.retry_after_s)})
 
     def _idempotency_key(self, request: Request) -> str:
         """The client's Idempotency-Key (scoped to its API key), or a fresh one so that this

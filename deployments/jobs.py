@@ -20,6 +20,10 @@ Every dispatch carries an attempt number, a fence: a transition from an older at
 so a job retried after its runner vanished is never finished twice. A runner heartbeats its job;
 a job whose lease runs out (runner gone, store restarted meanwhile) is retried, so no accepted job
 stays in progress. Terminal jobs get `expires_at`; expired records and their artifacts are collected.
+
+Uploads (input_reference, input_video, input_audio, elements) are stored once by the ingress,
+content-addressed (`<storage>/uploads/<sha256>`); a record carries their URIs only (`uploads`), and
+an upload is deleted with the last job that names it (DELETE of a finished job, or expiry).
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ logger = logging.getLogger("ray.serve")
 ACTIVE = ("queued", "in_progress")
 PROGRESS_START, PROGRESS_DENOISED = 1, 95      # progress while denoising runs from 1 to 95, then 100
 PROGRESS_PERSIST_S = 1.0                       # progress alone is written at most this often per job
+ORPHAN_UPLOAD_S = 3600.0                       # an upload no job names this long after it was written is
+                                               # collected (its ingress died between storing it and the create)
 # Failures that mean "a replica went away", not "this request is bad": the job is retried.
 REPLICA_LOST = (RayActorError, DeploymentUnavailableError, RankFailure)
 
@@ -93,6 +99,11 @@ class UnknownCursor(Refusal):
     """A list cursor (`after`) naming no listed job (HTTP 400)."""
 
 
+class UploadGone(Refusal):
+    """A create names a stored upload that is no longer there (collected with the last job that named
+    it after the ingress wrote it): the ingress writes it again and retries."""
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -115,10 +126,16 @@ class JobRecord(BaseModel):
     error: Optional[JobError] = None
     artifact: Optional[str] = None     # URI of the MP4 (or PNG) once completed
     idempotency_key: Optional[str] = None
+    uploads: list[str] = []            # the stored uploads the request names (URIs; deleted with the last job)
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+    def generation(self, policy):
+        """The GenerationRequest, validated again under the app's ReferencePolicy, which admits this
+        job's own stored uploads (and no others)."""
+        return parse_request(self.request, policy.admitting(self.uploads))
 
     def video(self) -> dict:
         """The OpenAI Videos API `Video` object."""
@@ -178,8 +195,10 @@ class JobBook:
         return record
 
     def create(self, kind: str, model: str, request: dict, key: str, idempotency_key: str | None,
-               max_active: int) -> tuple[JobRecord, bool]:
-        """A new queued job, or the job an earlier create with the same Idempotency-Key made."""
+               max_active: int, uploads: list[str] = ()) -> tuple[JobRecord, bool]:
+        """A new queued job, or the job an earlier create with the same Idempotency-Key made.
+        `uploads`: the stored uploads its request names, written by the caller (UploadGone if one is
+        not there any more)."""
         if idempotency_key in self.idempotent:
             record = self.jobs.get(self.idempotent[idempotency_key])
             if record is not None:
@@ -189,9 +208,12 @@ class JobBook:
         active = sum(1 for r in self.jobs.values() if r.active)
         if active >= max_active:
             raise QueueFull(f"{active} jobs are queued or in progress (limit {max_active}); retry later")
+        missing = [uri for uri in uploads if not storage.exists(uri)]
+        if missing:
+            raise UploadGone(f"{len(missing)} upload(s) were collected before the job was created")
         prefix = "video" if kind == "video" else "image"
         record = JobRecord(id=f"{prefix}_{uuid.uuid4().hex}", kind=kind, model=model, request=request, key=key,
-                           created_at=self.clock(), idempotency_key=idempotency_key)
+                           created_at=self.clock(), idempotency_key=idempotency_key, uploads=list(uploads))
         if idempotency_key:
             self.idempotent[idempotency_key] = record.id
         return self._save(record), True
@@ -252,7 +274,7 @@ class JobBook:
                                                     "progress": 0, "started_at": None}))
 
     def remove(self, job_id: str) -> None:
-        """Deletes a job's record and, unless another job still uses it, its artifact."""
+        """Deletes a job's record and, unless another job still uses them, its artifact and uploads."""
         record = self.jobs.pop(job_id, None)
         if record is None:
             return
@@ -260,18 +282,38 @@ class JobBook:
             for uri in (storage.sidecar_uri(self.storage_uri, record.key), record.artifact):
                 storage.delete(uri)
         storage.delete(storage.join(self.prefix, f"{job_id}.json"))
+        self.release(record.uploads)
         if record.idempotency_key:
             self.idempotent.pop(record.idempotency_key, None)
         self._persisted_at.pop(job_id, None)
 
+    def release(self, uploads) -> None:
+        """Deletes the stored uploads among `uploads` that no job names (the last job naming them was
+        removed, or the create that wrote them was refused)."""
+        named = {uri for r in self.jobs.values() for uri in r.uploads}
+        for uri in set(uploads) - named:
+            storage.delete(uri)
+
     def collect(self) -> list[str]:
-        """Removes every finished job past its expires_at; returns their ids."""
+        """Removes every finished job past its expires_at, and orphaned uploads; returns the jobs' ids."""
         now = self.clock()
         expired = [r.id for r in self.jobs.values()
                    if not r.active and r.expires_at is not None and r.expires_at <= now]
         for job_id in expired:
             self.remove(job_id)
+        self.collect_orphans()
         return expired
+
+    def collect_orphans(self, after_s: float = ORPHAN_UPLOAD_S) -> list[str]:
+        """Deletes the uploads no job names that were written more than `after_s` ago (wall clock:
+        the store's own); returns their URIs. A create that still comes for one gets UploadGone."""
+        named = {uri.rsplit("/", 1)[-1] for r in self.jobs.values() for uri in r.uploads}
+        orphans = []
+        for uri in storage.list_prefix(storage.uploads_prefix(self.storage_uri)):
+            if uri.rsplit("/", 1)[-1] not in named and time.time() - storage.modified(uri) > after_s:
+                storage.delete(uri)
+                orphans.append(uri)
+        return orphans
 
 
 @serve.deployment(max_ongoing_requests=1000, health_check_period_s=2, graceful_shutdown_timeout_s=5)
@@ -294,11 +336,11 @@ class JobStore:
 
     # -- transitions (called by the ingress, the runner and the backbone) --
 
-    async def create(self, kind: str, model: str, request: dict, key: str,
-                     idempotency_key: str | None) -> tuple[JobRecord, bool] | Refusal:
+    async def create(self, kind: str, model: str, request: dict, key: str, idempotency_key: str | None,
+                     uploads: list[str] = ()) -> tuple[JobRecord, bool] | Refusal:
         try:
             record, created = self.book.create(kind, model, request, key, idempotency_key,
-                                               self.args.max_active_jobs)
+                                               self.args.max_active_jobs, uploads)
         except Refusal as refusal:
             return refusal
         if created:
@@ -351,6 +393,10 @@ class JobStore:
             self._dispatch(record)
         else:
             self._ended(record.id)
+
+    async def release(self, uploads: list[str]) -> None:
+        """Uploads a refused create wrote: deleted unless a job names them."""
+        self.book.release(uploads)
 
     async def delete(self, job_id: str) -> JobRecord | None:
         """Cancels an active job (it ends failed, code "cancelled"); removes a finished one with its
@@ -526,7 +572,7 @@ class JobRunner:
 
     async def _render(self, ticket: JobTicket, record: JobRecord) -> str:
         """Runs the graph for the job; writes artifact then sidecar; returns the artifact URI."""
-        plan = plan_request(parse_request(record.request, self.policy), self.config)
+        plan = plan_request(record.generation(self.policy), self.config)
         prefix, extension = self.args.storage_uri, plan.artifact_extension
         artifact_uri = storage.artifact_uri(prefix, record.key, extension)
         if await asyncio.to_thread(storage.artifact_done, prefix, record.key, extension):

@@ -8,6 +8,9 @@ upload (input_reference, input_video, input_audio, elements): size (413), then i
 duration from the container header (400; no frame or sample is decoded) -> request validation with
 the core's GenerationRequest under the app's ReferencePolicy (400 naming the field; reference URIs
 meet the allow-list there, the same check manifests and the CLI get).
+An upload is decoded here once (a data: URL's base64; a form file is bytes already) and named from
+then on by the URI it is stored at, `<storage_uri>/uploads/<sha256>` (admit_request); the ingress
+writes it once, then creates the job. A request naming a stored upload itself is a 400 naming the field.
 A voice upload (POST /v1/voices) gets the same size check (413) before the registry decodes it.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from omnireel import media
+from omnireel import media, storage
 from omnireel.config import GenerationRequest, ReferencePolicy, parse_request, request_error_message
 
 STRUCTURED_FIELDS = ("shots", "voices", "elements", "physics")
@@ -178,10 +181,12 @@ def decode_structured(fields: dict) -> dict:
 
 def reference_policy(limits) -> ReferencePolicy:
     """The app's allow-list (AppArgs.allowed_schemes / allowed_buckets) as the core's ReferencePolicy:
-    what a request's reference URIs are validated with (an untrusted caller: no local paths)."""
+    what a request's reference URIs are validated with (an untrusted caller: no local paths, and no
+    stored upload under AppArgs.storage_uri unless admitted, ReferencePolicy.admitting)."""
     buckets = limits.allowed_buckets
     return ReferencePolicy(trusted=False, schemes=tuple(limits.allowed_schemes),
-                           buckets=tuple(buckets) if buckets is not None else None)
+                           buckets=tuple(buckets) if buckets is not None else None,
+                           uploads=storage.uploads_prefix(limits.storage_uri) if limits.storage_uri else None)
 
 
 def check_upload_size(data: bytes, limits, param: str) -> None:
@@ -219,35 +224,44 @@ def check_upload(data: bytes, limits, param: str = "input_reference") -> list[di
 MEDIA_FIELDS = ("input_reference", "input_video", "input_audio")   # one reference each; "elements": a list
 
 
-def check_media_fields(fields: dict, limits) -> dict:
+def check_media_fields(fields: dict, limits) -> dict[str, bytes]:
     """Every media reference of a request (input_reference, input_video, input_audio, elements)
-    turned into the string the core's request takes: an upload (a form file or a data: URL) as a
-    data: URI once its size, streams and duration passed; a URI as given (the core's validation
-    checks it against the allow-list, `reference_policy`)."""
+    turned into the string the core's request takes: an upload (a form file or a data: URL, decoded
+    here once) by the URI it is stored at once its size, streams and duration passed
+    (storage.upload_uri: `<storage_uri>/uploads/<sha256>`; not written yet); a URI as given (the
+    core's validation checks it against the allow-list and refuses stored uploads, `reference_policy`).
+    Returns the uploads {URI: bytes}: the caller admits them in the policy, then stores them."""
+    uploads: dict[str, bytes] = {}
+
+    def reference(value, param: str) -> str:
+        value = media_reference(value, limits, param)
+        if isinstance(value, bytes):
+            uri = storage.upload_uri(limits.storage_uri, value)
+            uploads[uri] = value
+            return uri
+        return value
+
     for name in MEDIA_FIELDS:
         if fields.get(name) in (None, ""):
             fields.pop(name, None)
         else:
-            fields[name] = media_reference(fields[name], limits, name)
+            fields[name] = reference(fields[name], name)
     if isinstance(fields.get("elements"), list):
-        fields["elements"] = [media_reference(v, limits, f"elements.{i}") for i, v in enumerate(fields["elements"])]
-    return fields
+        fields["elements"] = [reference(v, f"elements.{i}") for i, v in enumerate(fields["elements"])]
+    return uploads
 
 
 URL_KEYS = ("image_url", "video_url", "audio_url", "url")       # {"<key>": URI} reference objects
-_MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$", re.ASCII)
 
 
-def media_reference(value, limits, param: str) -> str:
+def media_reference(value, limits, param: str) -> str | bytes:
     """A form file, an OpenAI reference object ({"image_url"} / {"file_id"}), a data: URL or a URI
-    -> a data: URI of a checked upload, or the URI (checked by the core's validation). Nothing is decoded here."""
+    -> the bytes of a checked upload (a data: URL's base64 decoded once, here), or the URI (checked
+    by the core's validation). No frame or sample is decoded here."""
     if isinstance(value, tuple):                      # a form file: (filename, content_type, bytes)
-        _, content_type, data = value
+        data = value[2]
         check_upload(data, limits, param)
-        content_type = (content_type or "").split(";")[0].strip()
-        if not _MEDIA_TYPE.match(content_type):
-            content_type = "application/octet-stream"
-        return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+        return data
     if isinstance(value, dict):
         if value.get("file_id") is not None:
             raise APIError(400, f"{param}.file_id: file ids are not supported; upload the file or give image_url",
@@ -267,7 +281,7 @@ def media_reference(value, limits, param: str) -> str:
         except (binascii.Error, ValueError):
             raise APIError(400, f"{param}: the data URL is not valid base64", param=param)
         check_upload(data, limits, param)
-        return value
+        return data
     return value                                      # a URI: the allow-list is the core's (reference_policy)
 
 
@@ -284,6 +298,14 @@ def generation_request(fields: dict, output: str, policy: ReferencePolicy) -> Ge
         message = request_error_message(exc)
         raise APIError(400, message, param=".".join(map(str, exc.errors()[0]["loc"])) or named_field(message),
                        code="invalid_value")
+
+
+def admit_request(fields: dict, output: str, limits, policy: ReferencePolicy) -> tuple[GenerationRequest, dict[str, bytes]]:
+    """The validated request of a create's fields, with its uploads (check_media_fields) named by their
+    stored URIs, and those uploads {URI: bytes}, still to be written (storage.write_once each) before
+    the job is created. Only these uploads are admitted: a request naming any other is a 400."""
+    uploads = check_media_fields(fields, limits)
+    return generation_request(fields, output, policy.admitting(uploads)), uploads
 
 
 def named_field(message: str) -> str | None:

@@ -48,7 +48,11 @@ def test_continue_a_video_keeps_its_frames_as_clean_leading_latents(tiny_engine,
     assert torch.equal(latents[:, :2], given) and latents.shape[1] == plan.latent_frames == 5
 
 
-def test_audio_driven_video_keeps_the_given_audio(tiny_engine, tmp_path):
+def test_audio_driven_video_keeps_the_given_audio(tiny_engine, tmp_path, monkeypatch):
+    """...and decodes it once per job (encode_media; decode_audio hands on its soundtrack)."""
+    decodes = []
+    real_decode = media.decode_audio
+    monkeypatch.setattr(media, "decode_audio", lambda data: decodes.append(len(data)) or real_decode(data))
     t = np.arange(24000) / 24000
     tone = (0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)            # 1 s at 24 kHz
     sound = tmp_path / "tone.wav"
@@ -59,7 +63,9 @@ def test_audio_driven_video_keeps_the_given_audio(tiny_engine, tmp_path):
     assert given.shape == (4, values["plan"].audio_frames)
     assert (layout.timestep[layout.spans["audio"]] == CLEAN).all()
     assert (layout.timestep[layout.spans["video"]] == VIDEO_SIGMA).all()
+    decodes.clear()
     result = tiny_engine.render(request)
+    assert decodes == [len(sound.read_bytes())]                              # one decode of the input, per job
     assert torch.equal(result.latents.audio, given)                          # never moved by the sampler
     silent = tiny_engine.render(GenerationRequest(**BASE, seconds=1)).latents.video
     assert (result.latents.video - silent).abs().max() > 1e-3                # the video is made to it

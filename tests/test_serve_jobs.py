@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omnireel import storage
-from omnireel.deployments.jobs import IdempotencyConflict, JobBook, QueueFull
+from omnireel.deployments.jobs import IdempotencyConflict, JobBook, QueueFull, UploadGone
 from omnireel.deployments.stage_replica import JobTicket
 
 REQUEST = {"prompt": "a fox", "seconds": 0.5, "size": "32x32"}
@@ -106,3 +106,42 @@ def test_expired_jobs_and_their_artifacts_are_collected(tmp_path, clock):
     assert jobs.collect() == [done.id]
     assert not storage.exists(artifact) and not storage.exists(storage.sidecar_uri(str(tmp_path), "k1"))
     assert set(book(tmp_path, clock).jobs) == {running.id}
+
+
+def test_an_upload_goes_with_the_last_job_that_names_it(tmp_path, clock):
+    """Collected on expiry, or released by a create that was refused; a create whose upload was
+    collected meanwhile is refused (UploadGone: the ingress writes it again)."""
+    jobs = book(tmp_path, clock)
+    upload, other = (storage.upload_uri(str(tmp_path), data) for data in (b"clip", b"tone"))
+    for uri in (upload, other):
+        storage.write_once(uri, uri.encode())
+    first, _ = jobs.create("video", "omnireel-tiny", REQUEST, "k1", None, 10, [upload, other])
+    jobs.fail(first.id, "cancelled", "cancelled by a DELETE request")
+    clock.now += TTL_S / 2
+    second, _ = jobs.create("video", "omnireel-tiny", REQUEST, "k2", None, 10, [upload])
+    jobs.fail(second.id, "cancelled", "cancelled by a DELETE request")
+    clock.now += TTL_S / 2
+    assert jobs.collect() == [first.id]
+    assert storage.exists(upload) and not storage.exists(other)        # `second` still names `upload`
+    jobs.release([upload])                                             # a refused create: kept, a job names it
+    assert storage.exists(upload)
+    clock.now += TTL_S
+    assert jobs.collect() == [second.id] and not storage.exists(upload)
+    with pytest.raises(UploadGone):
+        jobs.create("video", "omnireel-tiny", REQUEST, "k1", None, 10, [upload])
+    storage.write_once(upload, b"clip")
+    jobs.release([upload])                                             # no job names it: deleted
+    assert not storage.exists(upload) and jobs.jobs == {}
+
+
+def test_an_upload_no_job_names_is_collected_after_a_while(tmp_path, clock):
+    """Its ingress died between storing it and creating the job: collected once ORPHAN_UPLOAD_S
+    have passed since it was written (here: none, then at once); one a job names stays."""
+    jobs = book(tmp_path, clock)
+    named, orphan = (storage.upload_uri(str(tmp_path), data) for data in (b"named", b"orphan"))
+    for uri in (named, orphan):
+        storage.write_once(uri, b"x")
+    jobs.create("video", "omnireel-tiny", REQUEST, "k1", None, 10, [named])
+    assert jobs.collect_orphans(after_s=3600.0) == []
+    assert jobs.collect_orphans(after_s=-1.0) == [orphan]
+    assert storage.exists(named) and not storage.exists(orphan)

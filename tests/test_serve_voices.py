@@ -237,7 +237,11 @@ def tone_wav(seconds: float, rate: int = 16000) -> bytes:
     ({"input_video": "/etc/passwd"}, "input_video", "local paths are not allowed"),
     ({"mode": "gif"}, "mode", "mode: Input should be 'video' or 'audio'"),
     ({"mode": "audio", "input_audio": "s3://omnireel-inputs/a.wav"}, "input_audio", "not available with mode 'audio'"),
-], ids=["bucket", "file", "http", "private", "local-path", "bad-mode", "audio-with-input-audio"])
+    ({"input_video": "s3://omnireel-inputs/uploads/" + "ab" * 32}, "input_video", "names a stored upload"),
+    ({"elements": [{"image_url": "https://media.example.com/uploads/" + "cd" * 32}]}, "elements.0",
+     "names a stored upload"),
+], ids=["bucket", "file", "http", "private", "local-path", "bad-mode", "audio-with-input-audio", "upload",
+        "element-upload"])
 def test_media_fields_outside_the_rules_are_refused(served, fields, param, fragment):
     with served.http() as http:
         error = error_of(http.post("/v1/videos", json={"prompt": "waves", **TINY, **fields}), 400)
@@ -280,7 +284,16 @@ def test_uploaded_input_video_and_audio_render_like_local_engine(served, tiny_en
         response = http.post("/v1/videos", data=fields, files={"input_video": ("clip.mp4", clip, "video/mp4"),
                                                                "input_audio": ("tone.wav", tone, "audio/wav")})
         assert response.status_code == 200, response.text
-        assert wait_done(http, response.json()["id"])["status"] == "completed"
+        job = response.json()["id"]
+        assert wait_done(http, job)["status"] == "completed"
+        listed = http.get("/v1/videos", params={"limit": 100}).content
+    record = json.loads((served.storage / "jobs" / f"{job}.json").read_bytes())   # the JobStore's file
+    stored = {storage.upload_uri(str(served.storage), data): data for data in (clip, tone)}
+    assert sorted(record["uploads"]) == sorted(stored) == sorted([record["request"]["input_video"],
+                                                                  record["request"]["input_audio"]])
+    assert all(storage.read_bytes(uri) == data for uri, data in stored.items())      # stored once, by content
+    for blob in ((served.storage / "jobs" / f"{job}.json").read_bytes(), listed):
+        assert base64.b64encode(tone)[:512] not in blob and tone[-512:] not in blob
     request = GenerationRequest(prompt="waves roll in", **{**TINY, "seconds": 0.5}, seed=5,
                                 input_video="data:video/mp4;base64," + base64.b64encode(clip).decode(),
                                 input_audio="data:audio/wav;base64," + base64.b64encode(tone).decode())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import re
@@ -59,7 +60,8 @@ MAX_ELEMENTS = 4
 MAX_REFERENCE_CHARS = 2048
 """Longest reference URI (data: URIs excepted: they are limited by MAX_UPLOAD_BYTES)."""
 MAX_UPLOAD_BYTES = 20 * 2**20
-"""Largest inline upload (a data: URI's decoded bytes) and largest fetched reference, in bytes."""
+"""Largest inline upload (a data: URI's decoded bytes) and largest fetched reference (a stored upload
+included), in bytes."""
 MAX_INPUT_SECONDS = MAX_SECONDS
 """Longest input video or input audio, in seconds (checked from the container before decoding)."""
 STORYBOARDS = ("rules", "llm")
@@ -90,13 +92,23 @@ class ReferencePolicy:
     `schemes` and `buckets`, plus inline data: URIs; only a trusted caller (the CLI) may name local
     paths and file:// URIs. Pass it as `GenerationRequest.model_validate(data, context=policy.context())`
     or through `parse_request`. Without a context a request is validated as untrusted.
+
+    Stored uploads (`<storage>/uploads/<sha256>`, storage.names_upload; `uploads` is the app's
+    uploads_prefix) are readable only through their job: a reference naming one is refused unless
+    it is `admitted`, i.e. the ingress stored it for this very request, or the job's record lists it.
     """
     trusted: bool = False
     schemes: tuple[str, ...] = ("s3", "gs", "https")
     buckets: Optional[tuple[str, ...]] = None
+    uploads: Optional[str] = None                       # the app's upload store (storage.uploads_prefix)
+    admitted: frozenset[str] = frozenset()              # stored uploads this request may name
 
     def context(self) -> dict:
         return {"reference_policy": self}
+
+    def admitting(self, uploads) -> "ReferencePolicy":
+        """This policy, letting a request name the stored uploads `uploads` (URIs) and no others."""
+        return dataclasses.replace(self, admitted=frozenset(uploads))
 
 
 UNTRUSTED = ReferencePolicy()
@@ -198,8 +210,9 @@ def data_uri_bytes(uri: str) -> bytes:
 
 
 def _check_reference(value: str, info: ValidationInfo) -> str:
-    """A reference to media: a data: URI (an inline upload), an allow-listed URI, or (trusted
-    callers only) a local path or file:// URI. Sizes of uploads are checked here, before decoding."""
+    """A reference to media: a data: URI (an inline upload), an allow-listed URI, a stored upload the
+    policy admits (the Serve app's, see ReferencePolicy), or (trusted callers only) a local path or
+    file:// URI. Sizes of inline uploads are checked here, before decoding."""
     from . import storage
 
     policy = (info.context or {}).get("reference_policy", UNTRUSTED)
@@ -213,6 +226,11 @@ def _check_reference(value: str, info: ValidationInfo) -> str:
         return value
     if len(value) > MAX_REFERENCE_CHARS:
         raise ValueError(f"must be at most {MAX_REFERENCE_CHARS} characters (got {len(value)})")
+    if not policy.trusted and storage.names_upload(value, policy.uploads):
+        if value in policy.admitted:
+            return value
+        raise ValueError("names a stored upload (uploads/...), which is readable only through its own job; "
+                         "send the file itself, a data: URL or a URI of your own")
     if "://" in value:
         if policy.trusted and value.startswith("file://"):
             value = value[len("file://"):]

@@ -1,7 +1,8 @@
 """Reference media named in requests: read within limits, checked before decoding, decoded.
 
 A reference is what `config.MediaReference` admitted: an inline upload (a data: URI), an
-allow-listed URI, or a local path from a trusted caller. Every read goes through storage.py, is
+allow-listed URI, a stored upload (the Serve app's `<storage>/uploads/<sha256>`: the stages read its
+bytes here, where they need them), or a local path from a trusted caller. Every read goes through storage.py, is
 refused above MAX_UPLOAD_BYTES, and is probed (container header only) for its streams and duration
 before any frame or sample is decoded (DESIGN.md §4, the trust boundary).
 """

@@ -53,6 +53,8 @@ class MediaLatents:
     refs: torch.Tensor                    # (R, C, h, w) reference-image latents (elements)
     video: torch.Tensor | None = None     # (C, K, h, w) clean leading video latents (K < T)
     audio: torch.Tensor | None = None     # (Ca, Ta) clean audio latents (audio-driven video)
+    soundtrack: bytes | None = None       # the same input audio as the output's audio stream (M4A,
+                                          # trimmed or padded to the clip): decode_audio hands it on
     # motion conditioning of a simulated scene (physics.MotionConditioning, flattened for rows.py)
     flow: torch.Tensor | None = None      # (T-1, h, w, 2) int16: per-cell displacement, latent k -> k+1
     layer: torch.Tensor | None = None     # (T-1, h, w) uint8: occlusion order of the moving cells
@@ -106,7 +108,7 @@ STAGE_GRAPH: tuple[Stage, ...] = (
     Stage("denoise", "backbone", ("plan", "text", "voice", "media"), "latents", GeneratedLatents, "Backbone",
           "denoise", {"GPU": 1}, on_backbone=True),
     Stage("decode_video", "vae", ("plan", "latents"), "video", EncodedStream, "VideoDecoder", "decode", {"GPU": 1}),
-    Stage("decode_audio", "audio_decoder", ("plan", "latents"), "audio", EncodedStream, "AudioDecoder", "decode",
+    Stage("decode_audio", "audio_decoder", ("plan", "latents", "media"), "audio", EncodedStream, "AudioDecoder", "decode",
           {"CPU": 1}),
     Stage("mux", None, ("plan", "video", "audio"), "artifact", EncodedStream, "", "decode", {"CPU": 1}),
 )

@@ -2,11 +2,19 @@
 
 Writes are atomic: local files go to a temporary name in the same folder and are renamed; object
 stores commit a PUT whole, so a reader never sees half an object.
+
+Uploads (the Serve app's input_reference, input_video, input_audio, elements) are content-addressed:
+`<storage_uri>/uploads/<sha256 of the bytes>`, written once (write_once: only if absent), so the same
+bytes are one object however many jobs name them; names_upload tells such a name from any other URI.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import posixpath
+import re
 import uuid
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -36,6 +44,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def write_once(uri: str, data: bytes) -> bool:
+    """Writes `data` unless the object exists: for content-addressed names, where the same name
+    means the same bytes (two writers racing write equal bytes). True if this call wrote it."""
+    if exists(uri):
+        return False
+    write_bytes(uri, data)
+    return True
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
@@ -44,6 +61,12 @@ def read_bytes(uri: str) -> bytes:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
+
+
+def modified(uri: str) -> float:
+    """When the object was last written, in unix seconds."""
+    fs, path = filesystem(uri)
+    return fs.modified(path).timestamp()
 
 
 def join(prefix: str, *parts: str) -> str:
@@ -65,6 +88,45 @@ def list_prefix(uri: str) -> list[str]:
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     return sorted(protocol + p if protocol and not p.startswith(protocol) else p
                   for p in fs.ls(path, detail=False))
+
+
+# ---- uploads, stored once (content-addressed) ------------------------------------------------
+
+UPLOADS = "uploads"
+_UPLOAD_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def uploads_prefix(storage_uri: str) -> str:
+    """Where an app's uploads live: `<storage_uri>/uploads`."""
+    return join(storage_uri, UPLOADS)
+
+
+def upload_uri(storage_uri: str, data: bytes) -> str:
+    """The one name of these bytes in the upload store: `<storage_uri>/uploads/<sha256 hex>`."""
+    return join(uploads_prefix(storage_uri), hashlib.sha256(data).hexdigest())
+
+
+def names_upload(uri: str, prefix: str | None = None) -> bool:
+    """Whether `uri` names a stored upload: any `.../uploads/<sha256 hex>` object (whatever the
+    host or bucket, so an alias of the store is caught too), or anything under `prefix` (an app's
+    uploads_prefix), compared after normalizing the path ("a//b", "a/./b", "a/x/../b")."""
+    parts = urlsplit(uri)
+    path = posixpath.normpath(parts.path or "/")
+    head, name = posixpath.split(path)
+    if posixpath.basename(head) == UPLOADS and _UPLOAD_NAME.match(name.lower()):
+        return True
+    if prefix is None:
+        return False
+    store = urlsplit(prefix)
+    if store.scheme in ("", "file"):               # a local store: a path, or a file:// URI
+        if parts.scheme not in ("", "file"):
+            return False
+        path, root = os.path.normpath(os.path.abspath(parts.path)), os.path.normpath(os.path.abspath(store.path))
+    elif parts.scheme != store.scheme or parts.netloc.lower() != store.netloc.lower():
+        return False
+    else:
+        root = posixpath.normpath(store.path or "/")
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 # ---- the trust boundary (DESIGN.md §4) --------------------------------------------------------

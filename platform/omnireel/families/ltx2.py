@@ -416,7 +416,7 @@ def decode_waveform(decoder: LTX2AudioDecoder, plan, latents) -> torch.Tensor:
     return torch.nn.functional.pad(wave, (0, plan.audio_samples - wave.shape[1]))
 
 
-def decode_audio(decoder: LTX2AudioDecoder, plan, latents):
+def decode_audio(decoder: LTX2AudioDecoder, plan, latents, media_latents=None):
     from .. import media
     from ..stages import EncodedStream
 

@@ -5,7 +5,8 @@ Components: text_encoder (model/text.py), voices (the voice registry), media_enc
 audio codec encoders), backbone (an OmniDenoiser over the OmniBackbone), vae (the video decoder),
 audio_decoder (audio codec + vocoder). The any-to-any choice is the per-token timestep rule:
 encode_media returns the clean parts (reference latents, leading video latents, audio latents) and
-the denoiser marks exactly those tokens clean; everything else is generated.
+the denoiser marks exactly those tokens clean; everything else is generated. An input_audio is
+decoded once, in encode_media, which also hands decode_audio the soundtrack (MediaLatents.soundtrack).
 """
 from __future__ import annotations
 
@@ -109,11 +110,14 @@ def encode_media(encoder: OmniMediaEncoder, plan: ScenePlan) -> MediaLatents:
     if plan.input_audio is not None:
         if encoder.codec is None:
             raise ValueError("input_audio: this media encoder has no audio codec")
+        sample_rate = encoder.codec.cfg.sample_rate
         try:
-            wave = references.load_audio(plan.input_audio, encoder.codec.cfg.sample_rate)
+            wave = references.load_audio(plan.input_audio, sample_rate)          # (S,) float32: its one decode
         except references.MediaReferenceError as e:
             raise references.MediaReferenceError(f"input_audio: {e}") from None
         out.audio = encoder.encode_wave(wave, plan.audio_frames)
+        kept = np.pad(wave[:plan.audio_samples], (0, max(0, plan.audio_samples - wave.shape[0])))
+        out.soundtrack = media.encode_audio(kept.astype(np.float32), sample_rate)   # the output's, as given
     if plan.physics is not None:
         motion = physics.plan_motion(plan)
         out.flow, out.layer, out.tracks, out.track_cells = motion.flow, motion.layer, motion.tracks, motion.track_cells
@@ -155,19 +159,18 @@ def decode_video(vae: VideoVAE, plan: ScenePlan, latents: GeneratedLatents) -> E
     return EncodedStream(media.encode_video(pixels, plan.fps), "video/mp4")
 
 
-def decode_audio(audio_decoder: OmniAudioDecoder, plan: ScenePlan, latents: GeneratedLatents) -> EncodedStream:
+def decode_audio(audio_decoder: OmniAudioDecoder, plan: ScenePlan, latents: GeneratedLatents,
+                 media_latents: MediaLatents) -> EncodedStream:
+    """The generated audio; audio-driven, the given soundtrack as encode_media prepared it (the
+    input audio is decoded once per job, there)."""
     if plan.output == "image":
         return EncodedStream(b"", "audio/none")
-    sample_rate = audio_decoder.codec.cfg.sample_rate
-    if plan.input_audio is not None:              # audio-driven: the given soundtrack, as given
-        from ..references import load_audio
-        wave = load_audio(plan.input_audio, sample_rate)[:plan.audio_samples]
-        wave = np.pad(wave, (0, plan.audio_samples - wave.shape[0]))
-    else:
-        param = next(audio_decoder.codec.parameters())
-        wave = audio_decoder(latents.audio[None].to(param.device, param.dtype))[0, :plan.audio_samples]
-        wave = wave.float().cpu().numpy()
-    return EncodedStream(media.encode_audio(wave.astype(np.float32), sample_rate), "audio/mp4")
+    if media_latents.soundtrack is not None:
+        return EncodedStream(media_latents.soundtrack, "audio/mp4")
+    param = next(audio_decoder.codec.parameters())
+    wave = audio_decoder(latents.audio[None].to(param.device, param.dtype))[0, :plan.audio_samples]
+    return EncodedStream(media.encode_audio(wave.float().cpu().numpy().astype(np.float32),
+                                            audio_decoder.codec.cfg.sample_rate), "audio/mp4")
 
 
 

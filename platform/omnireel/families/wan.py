@@ -306,7 +306,7 @@ def decode_video(decoder: WanVideoDecoder, plan, latents):
     return EncodedStream(media.encode_video(pixels, plan.fps), "video/mp4")
 
 
-def decode_audio(component, plan, latents):
+def decode_audio(component, plan, latents, media_latents=None):
     """Wan makes no sound: an empty stream."""
     from ..stages import EncodedStream
     return EncodedStream(b"", "audio/mp4")
