@@ -14,7 +14,7 @@ from omnireel.pipelines.render import run_batch
 
 from batch_support import OPTIONS, SMALL, artifacts, read_parquet, write_manifest
 
-ROWS = 3000
+ROWS = 2000
 VALIDATE_ONLY = replace(OPTIONS, validate_only=True)
 
 
