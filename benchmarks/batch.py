@@ -1,4 +1,5 @@
-"""Batch throughput: the Ray Data pipeline against a sequential LocalEngine loop over the same manifest.
+"""Batch throughput: the Ray Data pipeline against a sequential LocalEngine loop over the same manifest;
+with --validate-only, the driver's peak memory over two manifest lengths.
 
 Prints videos/hour of both (end to end: from nothing loaded to every MP4 written), their ratio, the
 pipeline's render-phase throughput, the fraction of the warm window (first denoise start to last
@@ -7,11 +8,21 @@ in each (on a small CPU box the pipeline's stages compete for the same cores).
 
     python benchmarks/batch.py [--preset tiny|small] [--rows 8] [--size 64x64] [--seconds 1] [--steps 4]
                                [--replicas 1] [--tp 1] [--cpus 4] [--threads N] [--compute-niceness N|none]
+    python benchmarks/batch.py --validate-only --rows 100000 [--compare 10000] [--cpus 4]
+
+--validate-only triages a generated manifest of tiny rows (a tenth too narrow, a tenth repeating an
+id, the rest valid) with run_batch(validate_only=True), each length in a fresh driver process, and
+prints each driver's peak RSS (ru_maxrss: imports and Ray included) and its growth over the RSS it
+had just before run_batch, side by side: the goal is the same figure at both lengths (within 10 %).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,8 +56,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
     parser.add_argument("--compute-niceness", default="0",
                         help="nice value of the pool actors' compute threads, or 'none' (Ray's 15)")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="print the driver's peak RSS triaging --rows and --compare rows, rendering nothing")
+    parser.add_argument("--compare", type=int, help="with --validate-only: the shorter manifest (default rows / 10)")
+    parser.add_argument("--driver", nargs=2, metavar=("MANIFEST", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.driver:
+        return validate_driver(*args.driver, args.cpus)
+    if args.validate_only:
+        return validate_only(args)
 
     work = Path(tempfile.mkdtemp(prefix="omnireel-batch-bench-"))
     checkpoint = work / args.preset
@@ -91,6 +110,61 @@ def main() -> None:
     print(f"denoise busy once warm: {summary.denoise_busy:.2f} of the window; denoise per row: "
           f"{sum(pipeline_denoise) / len(pipeline_denoise):.2f} s in the pipeline, "
           f"{sum(sequential_denoise) / len(sequential_denoise):.2f} s in LocalEngine")
+
+
+def generated_manifest(uri: str, rows: int) -> None:
+    """`rows` tiny rows: row i % 10 == 3 too narrow, == 5 repeats the id five rows up, the rest valid."""
+    ids = [f"row{i - 5}" if i % 10 == 5 else f"row{i}" for i in range(rows)]
+    table = pa.table({"id": ids, "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(rows)],
+                      "seed": list(range(rows)), "seconds": [0.5] * rows, "fps": [8] * rows, "steps": [2] * rows,
+                      "size": ["30x32" if i % 10 == 3 else "32x32" for i in range(rows)]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # Linux: KiB
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def validate_driver(manifest: str, checkpoint: str, cpus: int) -> None:
+    """One driver process: Ray, then run_batch(validate_only) over `manifest`; prints a JSON line."""
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    before = current_rss_mib()
+    start = time.perf_counter()
+    summary = run_batch(manifest, str(Path(manifest).parent / "out"), checkpoint, BatchOptions(validate_only=True))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"rows": summary.rows, "invalid": summary.invalid, "pending": summary.pending,
+                      "seconds": seconds, "before_mib": before, "peak_mib": peak_rss_mib()}))
+    ray.shutdown()
+
+
+def validate_only(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="omnireel-batch-validate-"))
+    checkpoint = work / "tiny"
+    init_checkpoint("tiny", checkpoint, seed=0)
+    lengths = [args.compare or max(1, args.rows // 10), args.rows]
+    figures = []
+    for rows in lengths:
+        manifest = work / f"rows-{rows}" / "manifest.parquet"
+        generated_manifest(str(manifest), rows)
+        proc = subprocess.run([sys.executable, __file__, "--driver", str(manifest), str(checkpoint),
+                               "--cpus", str(args.cpus)], capture_output=True, text=True, check=True)
+        figures.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"batch --validate-only: tiny rows (a tenth invalid, a tenth repeated ids), Ray with {args.cpus} "
+          f"logical CPUs, one fresh driver process per manifest")
+    print(f"{'rows':>9} {'invalid':>8} {'to render':>9} {'seconds':>8} {'driver RSS before':>17} "
+          f"{'driver peak RSS':>15} {'growth':>8}")
+    for f in figures:
+        print(f"{f['rows']:>9} {f['invalid']:>8} {f['pending']:>9} {f['seconds']:>8.1f} {f['before_mib']:>13.0f} MiB "
+              f"{f['peak_mib']:>11.0f} MiB {f['peak_mib'] - f['before_mib']:>4.0f} MiB")
+    small, large = figures
+    print(f"peak RSS {large['rows']} rows / {small['rows']} rows: {large['peak_mib'] / small['peak_mib']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """The Ray Data batch pipeline: a Parquet manifest -> one artifact (MP4) + sidecar per valid row.
 
-    read_parquet (storage.py's filesystem)
-      -> validate (tasks: manifest.check_row, the artifact key, the done check)
-      -> driver: refused rows, done rows, rows to render (one per artifact key)
-    rows to render, one block per row
-      -> encode pool   (actors: the stages before denoise)
-      -> denoise pool  (a fixed number of actors; each runs the backbone at tp=1, else drives a
-                        BackboneGroup in its own placement group)
-      -> decode pool   (actors: the stages after denoise, then the artifact and its sidecar, each atomic)
-      -> driver: results.parquet (from the sidecars), errors.parquet, metrics, the Pushgateway
+    triage.py: read (numbered) -> validate -> duplicate ids      (Ray Data tasks on blocks; materialized)
+      -> settled rows (refused, done)                            -> driver: errors / results files
+      -> rows to render, one per artifact key (its other rows ride along as `members`), in one-row blocks
+        -> encode pool   (actors: the stages before denoise)
+        -> denoise pool  (a fixed number of actors; each runs the backbone at tp=1, else drives a
+                          BackboneGroup in its own placement group)
+        -> decode pool   (actors: the stages after denoise, then the artifact and its sidecar, each atomic)
+        -> driver: results.parquet (from the sidecars), errors.parquet, metrics, the Pushgateway
+
+The driver never holds the manifest: it streams blocks out of Ray Data into the two Parquet files
+(pyarrow ParquetWriters, FLUSH_ROWS rows at a time), so its memory does not grow with the manifest
+(`benchmarks/batch.py --validate-only` prints its peak RSS at two manifest lengths).
 
 The pools are STAGE_GRAPH cut by each stage's `pool`; each runs its stages with run_graph, and rows
 cross pools through the one converter in rows.py. A row failing in a stage leaves with `stage` and
@@ -21,9 +24,10 @@ takes the same arguments as `omnireel batch`; it connects to $RAY_ADDRESS or sta
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -38,16 +42,18 @@ import ray
 from omnireel import metrics, storage
 from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.compute import ComputeThread
-from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
+from omnireel.config import GenerationRequest, canonical_json
 from omnireel.families import family_of
 from omnireel.parallel.group import BackboneGroup, RankFailure
 from omnireel.parallel.inprocess import host_resources, open_backbone
-from omnireel.plan import artifact_extension, plan_request
+from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
 from omnireel.voices import default_voice_prefix
 
-from . import rows
-from .manifest import ManifestError, check_columns, check_row
+from . import rows, triage
+from .manifest import ManifestError
+from .rows import one_line
+from .triage import check_manifest
 
 DRIVER = "batch"                                    # the `driver` label of stage metrics
 LATENTS_EXTENSION = "latents.safetensors"
@@ -68,6 +74,7 @@ class BatchOptions:
     dtype: str | None = None            # float type of the model components (None: as stored)
     save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
     pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
+    validate_only: bool = False         # triage the manifest (errors and results files) but render nothing
     voices: str | None = None           # voice registry URI (default: voices.default_voice_prefix(), resolved
                                         # on the driver so that every actor reads the same registry)
 
@@ -79,6 +86,7 @@ class BatchSummary:
     skipped: int              # rows already done before this run
     failed: int               # rows that failed at run time (errors.parquet names the stage)
     invalid: int              # rows refused by validation (errors.parquet names the field)
+    pending: int              # with validate_only: rows valid and not done (a run would render them)
     videos: int               # artifacts rendered by this run (rows with equal requests share one)
     render_seconds: float     # wall time of the render phase
     denoise_busy: float       # fraction of the warm window the denoise actors were running the backbone
@@ -120,11 +128,6 @@ def carried(pool: str | None) -> tuple[str, ...]:
 
 class StopRow(Exception):
     """A row's stage failed: the row leaves the pool with the stage's name and message."""
-
-
-def one_line(exc: BaseException, limit: int = 500) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---- the pools (Ray Data actors: pyarrow batch of rows in, pyarrow batch out) --------------------
@@ -284,92 +287,18 @@ def remove_placement_groups(tag: str) -> None:
             remove_placement_group(get_placement_group(info["name"]))
 
 
-# ---- validation (Ray tasks) -------------------------------------------------------------------
-
-def validate_batch(batch: pa.Table, config, digest: str, out: str) -> pa.Table:
-    """Manifest rows -> BASE rows: refused (stage "validate", field, message) or keyed, with the
-    sidecar record when the artifact is already done."""
-    checked_rows = []
-    for raw in batch.to_pylist():
-        checked = check_row(raw, config)
-        if checked.request is None:
-            checked_rows.append({"id": checked.id, "stage": "validate", "field": checked.field,
-                                 "message": checked.message})
-            continue
-        key = request_key(checked.request, digest)
-        checked_rows.append({"id": checked.id, "key": key,
-                             "request": canonical_json(normalized(checked.request)).decode(),
-                             "record": done_record(out, key, artifact_extension(checked.request.output,
-                                                                                 checked.request.mode))})
-    return rows.to_table(checked_rows)
-
-
-def done_record(out: str, key: str, extension: str) -> str:
-    """The sidecar record (JSON) of a done artifact, else "": done iff the artifact and its sidecar exist."""
-    try:
-        record = storage.read_bytes(storage.sidecar_uri(out, key)).decode()
-    except FileNotFoundError:
-        return ""
-    return record if storage.exists(storage.artifact_uri(out, key, extension)) else ""
-
-
-def arrow_filesystem(uri: str):
-    """(pyarrow filesystem, path) over storage.py's fsspec filesystem for `uri`."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-    fs, path = storage.filesystem(uri)
-    return PyFileSystem(FSSpecHandler(fs)), path
-
-
-def check_manifest(manifest: str) -> None:
-    """ManifestError unless `manifest` is readable Parquet with the manifest's columns (footer only)."""
-    import pyarrow.dataset
-    filesystem, path = arrow_filesystem(manifest)
-    try:
-        names = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet").schema.names
-    except (OSError, pa.ArrowInvalid) as e:
-        raise ManifestError(f"manifest: cannot read {manifest} as Parquet ({one_line(e)})") from None
-    check_columns(names)
-
-
-def read_checked(manifest: str, out: str, config, digest: str, options: BatchOptions) -> list[dict]:
-    """Every manifest row (after --limit), validated, in manifest order, numbered from 0."""
-    filesystem, path = arrow_filesystem(manifest)
-    ds = ray.data.read_parquet(path, filesystem=filesystem)
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
-    if options.limit is not None:
-        ds = ds.limit(options.limit)
-    ds = ds.map_batches(validate_batch, batch_format="pyarrow", fn_args=(config, digest, out))
-    table = pa.concat_tables([rows.to_table([])] + ray.get(ds.to_arrow_refs()))
-    return [{**row, "row": i} for i, row in enumerate(rows.from_table(table))]
-
-
-def triage(checked: list[dict]) -> list[dict]:
-    """Flags repeated ids; returns the rows to render: valid, not done, the first of each artifact key."""
-    first_row: dict[str, int] = {}
-    keys, todo = set(), []
-    for row in checked:
-        if not row["stage"] and row["id"] in first_row:
-            row.update(stage="validate", field="id", message=f"id: duplicate of row {first_row[row['id']]}")
-        if row["id"]:
-            first_row.setdefault(row["id"], row["row"])
-        if not row["stage"] and not row["record"] and row["key"] not in keys:
-            keys.add(row["key"])
-            todo.append(row)
-    return todo
-
-
 # ---- the render pipeline ----------------------------------------------------------------------
 
-def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, tag: str) -> Iterator[dict]:
-    """Streams the rows through the three pools; yields each row as it leaves the decode pool."""
+POOL_ROWS = 1       # rows per model-pool call and per block entering the pools: the stages run a row at a time
+
+
+def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOptions, tag: str) -> Iterator[dict]:
+    """Streams the rows to render (triage.leaders) through the three pools; yields each row as it
+    leaves the decode pool. They enter the pools in blocks of POOL_ROWS rows, so a call ends with
+    its rows (the next pool starts on them at once) and rows spread over a pool's actors."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    ds = ray.data.from_arrow([rows.to_table([row]) for row in todo])   # one block per row: rows stream
-    ds.context.enable_progress_bars = False
-    # Ray Data's issue detectors call ray_remote_args_fn outside actor creation (at start and every
-    # 30 s); each call would make a placement group no actor uses, holding tp CPUs or GPUs.
-    ds.context.issue_detectors_config.detectors = []
-    common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
+    ds = todo.repartition(target_num_rows_per_block=POOL_ROWS)           # streaming: splits blocks, no shuffle
+    common = dict(batch_format="pyarrow", batch_size=POOL_ROWS, zero_copy_batch=True)
     for pool, size, kwargs, resources in (
             ("encode", options.encoders, {"voices": options.voices or default_voice_prefix()},
              pool_resources("encode", use_gpu)),
@@ -384,7 +313,8 @@ def render(todo: list[dict], checkpoint: str, out: str, options: BatchOptions, t
                                                        "niceness": options.compute_niceness,
                                                        "dtype": options.dtype, **kwargs},
                                 **common, **resources)
-    yield from ds.iter_rows()
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from rows.from_table(block)
 
 
 def denoise_resources(options: BatchOptions, use_gpu: bool, tag: str) -> dict:
@@ -403,13 +333,24 @@ def pool_resources(pool: str, use_gpu: bool) -> dict:
             "num_gpus": 1 if use_gpu and any(stage.resources.get("GPU") for stage in stages) else 0}
 
 
-def busy_fraction(outcomes: list[dict], replicas: int) -> float:
-    """Backbone time over the warm window (first denoise start to last end), per denoise actor."""
-    spans = [(r["denoise_start"], r["denoise_end"]) for r in outcomes if r["denoise_end"] > 0]
-    if not spans:
-        return 0.0
-    window = max(end for _, end in spans) - min(start for start, _ in spans)
-    return sum(end - start for start, end in spans) / (replicas * window) if window > 0 else 1.0
+@dataclass
+class DenoiseWindow:
+    """The denoise actors' busy fraction, from rendered rows as they come: backbone time over the warm
+    window (first denoise start to last end), per actor."""
+    start: float = math.inf
+    end: float = 0.0
+    busy: float = 0.0
+
+    def add(self, row: dict) -> None:
+        if row["denoise_end"] > 0:
+            self.start, self.end = min(self.start, row["denoise_start"]), max(self.end, row["denoise_end"])
+            self.busy += row["denoise_end"] - row["denoise_start"]
+
+    def fraction(self, replicas: int) -> float:
+        if self.end == 0:               # no row reached the backbone
+            return 0.0
+        window = self.end - self.start
+        return self.busy / (replicas * window) if window > 0 else 1.0
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -432,75 +373,86 @@ def result_row(row: dict, record: dict) -> dict:
             "steps": record["steps"], "frames": record["frames"], "bytes": record["bytes"], **timings}
 
 
-def write_parquet(uri: str, records: list[dict], schema: pa.Schema) -> None:
-    table = pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in records], schema=schema)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(uri, buffer.getvalue())
+FLUSH_ROWS = 4096    # rows an output file holds in the driver before it writes them (one row group)
 
 
-def settle(checked: list[dict], outcomes: dict[str, dict]) -> Iterator[tuple[str, dict]]:
-    """Each manifest row's end, "invalid" | "skipped" | "rendered" | "failed", with the row carrying
-    its sidecar record (done) or its stage and message (not done). Rows sharing a key share its outcome."""
-    for row in checked:
-        if row["stage"]:
-            yield "invalid", row
-        elif row["record"]:
-            yield "skipped", row
-        else:
-            outcome = outcomes.get(row["key"]) or {"stage": "render", "message": "the pipeline returned no row"}
-            row = {**row, "stage": outcome["stage"], "message": outcome["message"], "record": outcome.get("record", "")}
-            yield ("failed" if row["stage"] else "rendered"), row
+@contextlib.contextmanager
+def parquet_rows(uri: str, schema: pa.Schema):
+    """Yields add(row): rows go into a Parquet file at `uri` FLUSH_ROWS at a time, through a
+    ParquetWriter on storage.open_write, committed whole when the block ends (never half a file)."""
+    held: list[dict] = []
+    with storage.open_write(uri) as f:
+        writer = pq.ParquetWriter(f, schema)
+
+        def flush() -> None:
+            writer.write_table(pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in held],
+                                                    schema=schema))
+            held.clear()
+
+        def add(row: dict) -> None:
+            held.append(row)
+            if len(held) >= FLUSH_ROWS:
+                flush()
+
+        yield add
+        if held:
+            flush()
+        writer.close()
 
 
 # ---- the driver -------------------------------------------------------------------------------
 
 def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: BatchOptions | None = None,
               progress: Callable[[int, int], None] | None = None) -> BatchSummary:
-    """Renders every valid, not yet done row of `manifest` under `out`; writes results.parquet and
-    errors.parquet there; returns the counts. Ray must be initialized, with workers that reach the
-    manifest and `out` (`connect` hands them the driver's storage environment)."""
+    """Renders every valid, not yet done row of `manifest` under `out` (with options.validate_only,
+    none: the rows are only triaged); writes results.parquet and errors.parquet there, streaming;
+    returns the counts. Ray must be initialized, with workers that reach the manifest and `out`
+    (`connect` hands them the driver's storage environment)."""
     options = options or BatchOptions()
     checkpoint = str(checkpoint or default_checkpoint())
     config, digest = read_config(checkpoint), read_digest(checkpoint)
     family_of(checkpoint).check_tp(config, options.tp)
 
     check_manifest(manifest)
-    checked = read_checked(manifest, out, config, digest, options)
-    todo = triage(checked)
-    tag = f"omnireel-batch-{uuid.uuid4().hex[:8]}"
-    outcomes: dict[str, dict] = {}
-    start = time.perf_counter()
-    if todo:
-        try:
-            for row in render(todo, checkpoint, out, options, tag):
-                outcomes[row["key"]] = row
-                metrics.record("omnireel_batch_rows", outcome="failed" if row["stage"] else "rendered")
-                if progress is not None:
-                    progress(len(outcomes), len(todo))
-        finally:
-            remove_placement_groups(tag)
-    render_seconds = time.perf_counter() - start
-
-    results, errors = [], []
+    triaged = triage.triaged(manifest, out, config, digest, options.limit)
+    total = triaged.count()                                   # from the blocks' metadata
     counts = dict.fromkeys(("rendered", "skipped", "failed", "invalid"), 0)
-    for kind, row in settle(checked, outcomes):
-        counts[kind] += 1
-        if row["record"]:
-            results.append(result_row(row, json.loads(row["record"])))
-        else:
-            errors.append(row)
+    window, videos = DenoiseWindow(), 0
+    results_uri, errors_uri = storage.join(out, "results.parquet"), storage.join(out, "errors.parquet")
+    tag = f"omnireel-batch-{uuid.uuid4().hex[:8]}"
+    with parquet_rows(results_uri, RESULT_SCHEMA) as results, parquet_rows(errors_uri, ERROR_SCHEMA) as errors:
+        def settle(outcome: str, row: dict) -> None:
+            counts[outcome] += 1
+            if row["record"]:
+                results(result_row(row, json.loads(row["record"])))
+            else:
+                errors(row)
+
+        for block in triage.settled(triaged).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in rows.from_table(block):
+                settle("invalid" if row["stage"] else "skipped", row)
+        todo = total - counts["invalid"] - counts["skipped"]
+        start = time.perf_counter()
+        if todo and not options.validate_only:
+            try:
+                for row in render(triage.leaders(triaged), checkpoint, out, options, tag):
+                    outcome = "failed" if row["stage"] else "rendered"
+                    metrics.record("omnireel_batch_rows", outcome=outcome)
+                    window.add(row)
+                    videos += outcome == "rendered"
+                    for shared in (row, *({**row, **member} for member in row["members"])):
+                        settle(outcome, shared)                   # rows of one key share its outcome
+                    if progress is not None:
+                        progress(counts["rendered"] + counts["failed"], todo)
+            finally:
+                remove_placement_groups(tag)
+        render_seconds = time.perf_counter() - start
     for outcome_name in ("skipped", "invalid"):
         if counts[outcome_name]:
             metrics.record("omnireel_batch_rows", counts[outcome_name], outcome=outcome_name)
-    results_uri, errors_uri = storage.join(out, "results.parquet"), storage.join(out, "errors.parquet")
-    write_parquet(results_uri, results, RESULT_SCHEMA)
-    write_parquet(errors_uri, errors, ERROR_SCHEMA)
 
-    summary = BatchSummary(rows=len(checked), **counts,
-                           videos=sum(1 for r in outcomes.values() if not r["stage"]),
-                           render_seconds=render_seconds,
-                           denoise_busy=busy_fraction(list(outcomes.values()), options.replicas),
+    summary = BatchSummary(rows=total, **counts, pending=todo if options.validate_only else 0, videos=videos,
+                           render_seconds=render_seconds, denoise_busy=window.fraction(options.replicas),
                            results_uri=results_uri, errors_uri=errors_uri)
     metrics.record("omnireel_batch_videos_per_hour", summary.videos_per_hour)
     metrics.record("omnireel_batch_denoise_busy_ratio", summary.denoise_busy)
@@ -541,7 +493,7 @@ def command(args) -> None:
         fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
     options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
                            compute_niceness=args.compute_niceness, dtype=args.dtype, save_latents=args.save_latents,
-                           pushgateway=args.pushgateway, voices=args.voice_store)
+                           pushgateway=args.pushgateway, voices=args.voice_store, validate_only=args.validate_only)
     try:
         checkpoint = str(args.checkpoint or default_checkpoint())
         config = read_config(checkpoint)
@@ -557,12 +509,15 @@ def command(args) -> None:
         fail(str(e))
     connect()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    with tqdm(desc="rendering", unit="video", disable=args.quiet) as bar:
+    with tqdm(desc="rendering", unit="row", disable=args.quiet or args.validate_only) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
         summary = run_batch(args.manifest, args.out, checkpoint, options, progress)
-    if not args.quiet:
+    if not args.quiet and args.validate_only:
+        print(f"{summary.pending} to render, {summary.skipped} already done, {summary.invalid} invalid of "
+              f"{summary.rows} rows; errors: {summary.errors_uri}")
+    elif not args.quiet:
         print(f"{summary.rendered} rendered, {summary.skipped} already done, {summary.failed} failed, "
               f"{summary.invalid} invalid of {summary.rows} rows; {summary.videos_per_hour:.0f} videos/hour; "
               f"results: {summary.results_uri}; errors: {summary.errors_uri}")

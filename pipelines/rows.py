@@ -36,9 +36,11 @@ BASE = pa.schema([
     ("denoise_start", pa.float64()),  # epoch seconds when the backbone started this row (0 = not yet)
     ("denoise_end", pa.float64()),
     ("record", pa.string()),          # the artifact's sidecar record as JSON ("" = not rendered)
+    ("members", pa.list_(pa.struct([("row", pa.int64()), ("id", pa.string())]))),
+                                      # the later rows of the same key, which share this row's outcome
 ])
 EMPTY = {"row": 0, "id": "", "key": "", "request": "", "stage": "", "field": "",
-         "message": "", "timings": "{}", "denoise_start": 0.0, "denoise_end": 0.0, "record": ""}
+         "message": "", "timings": "{}", "denoise_start": 0.0, "denoise_end": 0.0, "record": "", "members": []}
 
 
 # ---- payload <-> bytes --------------------------------------------------------------------------
@@ -107,3 +109,9 @@ def to_table(rows: list[dict], payload_names=()) -> pa.Table:
 
 def from_table(table: pa.Table) -> list[dict]:
     return table.to_pylist()
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception as a row's `message`: its type and text on one line, at most `limit` characters."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

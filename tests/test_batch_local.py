@@ -1,6 +1,7 @@
 """The batch pipeline on the local filesystem (one run, on the session's Ray): valid rows become MP4s
-with sidecars and results, invalid rows become error rows naming the field, a row equals
-LocalEngine's render, the totals reach a real Pushgateway, and a rerun skips every row."""
+with sidecars and results, invalid rows become error rows naming the field, a row repeating another's
+request shares its one artifact, a row equals LocalEngine's render, the totals reach a real
+Pushgateway, and a rerun skips every row."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ from omnireel.pipelines.render import LATENTS_EXTENSION, BatchOptions, BatchSumm
 from batch_support import (OPTIONS, artifacts, free_port, manifest_rows, placement_groups, read_parquet, start_server,
                            stop, write_manifest)
 
-VALID = ("kite", "boat", "fox", "chase")
+VALID = ("kite", "boat", "fox", "chase", "kite-again")
 INVALID = {"narrow": "size", "long": "seconds"}
+
+
+def local_rows() -> list[dict]:
+    """manifest_rows() and, last, a row with kite's request under another id (the same artifact key)."""
+    rows = manifest_rows()
+    return [*rows, {**rows[0], "id": "kite-again"}]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,7 @@ def pushgateway():
 @pytest.fixture(scope="module")
 def local_run(ray_session, tiny_checkpoint, tmp_path_factory, pushgateway):
     root = tmp_path_factory.mktemp("batch")
-    manifest = write_manifest(str(root / "manifest.parquet"), manifest_rows())
+    manifest = write_manifest(str(root / "manifest.parquet"), local_rows())
     out = str(root / "out")
     options = replace(OPTIONS, save_latents=True, pushgateway=pushgateway)
     before = set(placement_groups(ray_session))
@@ -56,13 +63,16 @@ class LocalRun(NamedTuple):
 def test_valid_rows_become_mp4s_and_invalid_rows_name_their_field(local_run):
     summary, out = local_run.summary, local_run.out
     assert local_run.placement_groups == {}      # at tp=1 the denoise actor is the rank: no placement group
-    assert (summary.rows, summary.rendered, summary.invalid, summary.failed, summary.skipped) == (6, 4, 2, 0, 0)
+    assert (summary.rows, summary.rendered, summary.invalid, summary.failed, summary.skipped) == (7, 5, 2, 0, 0)
+    assert summary.videos == 4                   # kite-again shares kite's artifact, rendered once
     found = artifacts(out)
     assert len(found["mp4"]) == 4 and len(found["json"]) == 4 and len(found[LATENTS_EXTENSION]) == 4
 
     results = read_parquet(storage.join(out, "results.parquet"))
     assert sorted(r["id"] for r in results) == sorted(VALID)
-    manifest = {r["id"]: r for r in manifest_rows()}
+    manifest = {r["id"]: r for r in local_rows()}
+    by_id = {r["id"]: r for r in results}
+    assert (by_id["kite-again"]["uri"], by_id["kite-again"]["row"]) == (by_id["kite"]["uri"], 6)
     for result in results:
         source = manifest[result["id"]]
         assert (result["seconds"], result["size"], result["fps"], result["seed"]) == \
@@ -80,7 +90,7 @@ def test_valid_rows_become_mp4s_and_invalid_rows_name_their_field(local_run):
     assert {e["id"]: e["field"] for e in errors} == INVALID
     for error in errors:
         assert error["stage"] == "validate" and error["message"].startswith(error["field"] + ":")
-        assert error["row"] == [r["id"] for r in manifest_rows()].index(error["id"])
+        assert error["row"] == [r["id"] for r in local_rows()].index(error["id"])
 
 
 @pytest.mark.parametrize("row_id", ["fox", "chase"])
@@ -111,8 +121,8 @@ def test_run_totals_reach_the_pushgateway(local_run, pushgateway):
         text = response.read().decode()
     pushed = {m[1]: float(m[3]) for m in re.finditer(r'^(omnireel_batch_\w+)\{([^}]*)\} (\S+)$', text, re.M)
               if 'job="omnireel_batch"' in m[2] and f'output="{out}"' in m[2]}
-    assert pushed["omnireel_batch_manifest_rows"] == 6
-    assert pushed["omnireel_batch_rows_rendered"] == 4
+    assert pushed["omnireel_batch_manifest_rows"] == 7
+    assert pushed["omnireel_batch_rows_rendered"] == 5
     assert pushed["omnireel_batch_rows_invalid"] == 2
     assert pushed["omnireel_batch_rows_failed"] == 0
     assert pushed["omnireel_batch_videos_per_hour"] > 0
@@ -124,7 +134,7 @@ def test_rerun_skips_every_row(local_run, tiny_checkpoint):
     before = {uri: (storage.filesystem(uri)[0].modified(uri), storage.read_bytes(uri))
               for uri in artifacts(out)["mp4"]}
     summary = run_batch(manifest, out, tiny_checkpoint, options)
-    assert (summary.rendered, summary.skipped, summary.invalid, summary.failed, summary.videos) == (0, 4, 2, 0, 0)
+    assert (summary.rendered, summary.skipped, summary.invalid, summary.failed, summary.videos) == (0, 5, 2, 0, 0)
     after = artifacts(out)
     assert len(after["mp4"]) == 4 and len(after["json"]) == 4
     assert {uri: (storage.filesystem(uri)[0].modified(uri), storage.read_bytes(uri)) for uri in after["mp4"]} == before

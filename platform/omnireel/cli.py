@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "it needs CAP_SYS_NICE)")
     b.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for the run's totals")
     b.add_argument("--save-latents", action="store_true", help="also write each row's latents (safetensors)")
+    b.add_argument("--validate-only", action="store_true",
+                   help="only validate the manifest (errors.parquet: refused and duplicate rows); render nothing")
     b.add_argument("--voice-store", help="voice registry URI (default $OMNIREEL_VOICES or ~/.cache/omnireel/voices)")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=batch_command)

@@ -9,6 +9,7 @@ bytes are one object however many jobs name them; names_upload tells such a name
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -31,17 +32,40 @@ def is_local(fs) -> bool:
 
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
+    if not is_local(fs):
+        fs.pipe_file(path, data)              # one PUT
+        return
+    with open_write(uri) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_write(uri: str):
+    """A binary file to write `uri` in pieces, committed whole when the block ends and dropped if it
+    raises: a local temporary name in the same folder, renamed; an object store's upload, completed
+    or discarded."""
+    fs, path = filesystem(uri)
     if is_local(fs):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     else:
-        fs.pipe_file(path, data)
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()
+            raise
+        f.close()
 
 
 def write_once(uri: str, data: bytes) -> bool:
