@@ -5,8 +5,11 @@ prompt] for LTX-2) are run by different `cfg` ranks and gathered, through the De
     B rows, cfg ranks: rank c runs rows [c * ceil(B / cfg), ...) (the last rank's share padded by
     repeating its last row), each output (B_c, ...) is all-gathered over the cfg group -> (B, ...)
 
-A call with one row (no CFG, or LTX-2's STG and modality passes) runs whole on every cfg rank.
-Which arguments carry rows is the family's (BatchRows); everything else goes to every rank as is.
+A step whose calls the family hands over together (base.run_calls: LTX-2's CFG batch [negative,
+prompt], STG pass and modality pass, 2 + 1 + 1 rows) has all their rows spread as one list: at cfg=2
+rank 0 runs the CFG batch, rank 1 the STG and the modality passes. A lone one-row call (no CFG) runs
+whole on every cfg rank. Which arguments carry rows is the family's (BatchRows); everything else goes
+to every rank as is.
 """
 from __future__ import annotations
 
@@ -55,32 +58,37 @@ def batch_rows(args: tuple, kwargs: dict, rows: BatchRows) -> int:
 
 
 class CfgParallelForward:
-    """The injected forward of a cfg-parallel rank: this rank's share of the rows, then the gather."""
+    """The injected forward of a cfg-parallel rank: this rank's share of the rows, then the gather.
+
+    `calls(module, [(args, kwargs), ...])` spreads the rows of several calls of one step (LTX-2's CFG
+    batch, STG and modality passes: 2 + 1 + 1 rows) over the ranks as one list, each rank running
+    its rows of each call it touches; a plain call is a list of one."""
 
     def __init__(self, rows: BatchRows, group, rank: int, size: int):
         self.rows, self.group, self.rank, self.size = rows, group, rank, size
 
-    def share(self, batch: int) -> tuple[torch.Tensor, list[int]]:
-        """(this rank's row indices, every rank's count of real rows)."""
-        per = math.ceil(batch / self.size)
-        counts = [max(0, min(per, batch - r * per)) for r in range(self.size)]
-        start = self.rank * per
-        return torch.tensor([min(start + i, batch - 1) for i in range(per)]), counts
-
     def __call__(self, module, *args, **kwargs):
-        batch = batch_rows(args, kwargs, self.rows)
-        if self.size == 1 or batch == 1:
-            return module(*args, **kwargs)
-        index, counts = self.share(batch)
-        args = tuple(take_rows(a, index) if i in self.rows.positions else a for i, a in enumerate(args))
-        kwargs = {k: take_rows(v, index) if k in self.rows.names else v for k, v in kwargs.items()}
-        out = module(*args, **kwargs)                              # tuple of (B_c, ...) tensors
-        per = len(index)
-        real = self.real_rows(counts, per)
-        return type(out)(all_gather_rows(o.contiguous(), self.group, [per] * self.size)[real.to(o.device)]
-                         for o in out)
+        return self.calls(module, [(args, kwargs)])[0]
 
-    @staticmethod
-    def real_rows(counts: list[int], per: int) -> torch.Tensor:
-        """Indices of the real rows among the gathered (cfg * per) ones."""
-        return torch.tensor([r * per + i for r, n in enumerate(counts) for i in range(n)])
+    def calls(self, module, calls: list[tuple[tuple, dict]]) -> list:
+        """Each call's outputs (tuples of (B_i, ...) tensors), as module(*args, **kwargs) would give them."""
+        counts = [batch_rows(args, kwargs, self.rows) for args, kwargs in calls]
+        units = [(c, row) for c, n in enumerate(counts) for row in range(n)]   # one (call, row) per row
+        per = math.ceil(len(units) / self.size)
+        if self.size == 1 or per == len(units):                                # one rank could hold them all
+            return [module(*args, **kwargs) for args, kwargs in calls]
+        mine = [units[min(self.rank * per + i, len(units) - 1)] for i in range(per)]   # the last padded
+        outputs = []                                                           # one tuple per run of one call
+        for c in dict.fromkeys(call for call, _ in mine):
+            index = torch.tensor([row for call, row in mine if call == c])
+            args, kwargs = calls[c]
+            args = tuple(take_rows(a, index) if i in self.rows.positions else a for i, a in enumerate(args))
+            kwargs = {k: take_rows(v, index) if k in self.rows.names else v for k, v in kwargs.items()}
+            outputs.append(module(*args, **kwargs))
+        gathered = [all_gather_rows(torch.cat(parts).contiguous(), self.group, [per] * self.size)[:len(units)]
+                    for parts in zip(*outputs)]                                # (units, ...) per output
+        results, start = [], 0
+        for n, (args, kwargs) in zip(counts, calls):
+            results.append(tuple(g[start:start + n] for g in gathered))
+            start += n
+        return results
