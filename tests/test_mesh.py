@@ -132,3 +132,37 @@ def test_bad_mesh_shapes_name_the_flag_and_the_limit(checkpoints):
     with pytest.raises(ValueError, match=r"--tp=3 must divide num_attention_heads=4, audio_num_attention_heads=4"):
         check_family_mesh("ltx2", ltx2, MeshShape(sp=2, tp=3))
     check_family_mesh("ltx2", ltx2, MeshShape(cfg=2, sp=2, tp=2), ranks=8)
+
+
+def test_the_bench_counts_each_modes_bytes_from_the_plan():
+    """bench_mesh.mesh_traffic, by hand for tiny (d = 64, 3 blocks), L = 100, float32, B = 2 rows."""
+    from omnireel.model.config import preset
+    from omnireel.parallel.bench_mesh import mesh_traffic
+
+    cfg = preset("tiny").backbone
+    traffic = mesh_traffic(cfg, 100, latent_elements=1000, shape=MeshShape(cfg=2, sp=2, tp=2), element_size=4)
+    activation = 1 * 50 * 64 * 4                                 # (B_c = 1, L_s = 50, d) floats
+    assert traffic.tp_per_block == 2 * 2 * (1 / 2) * activation  # two ring all-reduces
+    assert traffic.sp_per_block == 4 * (1 / 2) * activation / 2  # four all-to-alls of d / tp channels
+    assert traffic.sp_gather == activation and traffic.cfg_gather == 1 * 1000 * 4
+    assert traffic.per_step == 3 * (traffic.tp_per_block + traffic.sp_per_block) + activation + 4000
+    single = mesh_traffic(cfg, 100, 1000, MeshShape(), 4)
+    assert single.per_step == 0
+
+
+def test_the_bench_refuses_a_bad_mesh_in_one_line(capsys):
+    import argparse
+
+    from omnireel.cli import add_backbone_bench_arguments
+    from omnireel.parallel.bench import run
+
+    parser = argparse.ArgumentParser()
+    add_backbone_bench_arguments(parser)
+    assert run(parser.parse_args(["--preset", "tiny", "--sp", "3"])) == 2
+    assert run(parser.parse_args(["--preset", "tiny", "--cfg-parallel", "4"])) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["omnireel: error: --sp=3 must divide the heads per tensor-parallel rank (backbone.heads=4 / "
+                      "tp=1 = 4): Ulysses gives each sequence-parallel rank whole heads; sequence-parallel degrees "
+                      "that fit at tp=1: [1, 2, 4]",
+                      "omnireel: error: --cfg-parallel must be one of [1, 2] (got 4): a CFG batch has a conditional "
+                      "and an unconditional half"]
