@@ -166,3 +166,19 @@ def test_the_bench_refuses_a_bad_mesh_in_one_line(capsys):
                       "that fit at tp=1: [1, 2, 4]",
                       "omnireel: error: --cfg-parallel must be one of [1, 2] (got 4): a CFG batch has a conditional "
                       "and an unconditional half"]
+
+
+def test_a_backbone_group_on_a_cfg2_mesh_equals_one_rank(ray_session, checkpoints, expected):
+    """BackboneGroup(mesh=(cfg=2)): two rank actors, the rows split between them, rank 0's latents."""
+    from omnireel.parallel.group import BackboneGroup
+
+    with pytest.raises(ValueError, match=r"--sp=3 must divide the heads per tensor-parallel rank"):
+        BackboneGroup(checkpoints["omni"], 1, mesh=MeshShape(sp=3))           # before any actor starts
+    group = BackboneGroup(checkpoints["omni"], 1, threads=1, pg_timeout_s=30.0, mesh=MeshShape(cfg=2))
+    try:
+        assert len(group.rank_actors) == 2
+        latents = group.denoise(*inputs(checkpoints["omni"]))
+    finally:
+        group.shutdown()
+    assert (latents.video - expected["omni"].video).abs().max().item() <= PARITY
+    assert (latents.audio - expected["omni"].audio).abs().max().item() <= PARITY
