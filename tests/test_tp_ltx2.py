@@ -59,11 +59,11 @@ def checkpoints(tmp_path_factory):
     return {"tiny": tiny, "gated-sharded": build_variant(tiny, root / "gated-sharded")}
 
 
-def denoise_inputs(config):
-    """The denoise stage's inputs: a 64x64, 1 + 8 frame, 2-step plan with the pipeline's guidance
+def denoise_inputs(config, size: str = "64x64", frames: int = 9):
+    """The denoise stage's inputs: a 64x64, 1 + 8 frame (by default), 2-step plan with the pipeline's guidance
     (CFG on: the text holds the prompt's and the negative prompt's rows, with different padding, so
     the text mask differs per row and per head)."""
-    plan = FAMILY.plan(GenerationRequest(prompt="a robot dancing in the rain", size="64x64", seconds=9 / 24,
+    plan = FAMILY.plan(GenerationRequest(prompt="a robot dancing in the rain", size=size, seconds=frames / 24,
                                          fps=24, seed=3, steps=2), config)
     g = torch.Generator().manual_seed(5)
     captions = []

@@ -196,10 +196,12 @@ def add_backbone_bench_arguments(parser) -> None:
     parser.add_argument("--size", default="768x512", help="ltx2: WIDTHxHEIGHT of the clip (default 768x512)")
     parser.add_argument("--frames", type=int, default=121, help="ltx2: frames of the clip (default 121)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--sp", type=int, default=1, help="omni: sequence-parallel (Ulysses) ranks")
+    parser.add_argument("--cfg-parallel", type=int, default=1, help="omni: CFG-parallel ranks (1 or 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")
     parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--check-parity", action="store_true", help="compare TP=N with TP=1")
+    parser.add_argument("--check-parity", action="store_true", help="compare the mesh (or TP=N) with one rank")
 
 
 def bench_command(args) -> None:

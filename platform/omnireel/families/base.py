@@ -76,6 +76,16 @@ def bind_forward(forward: Callable | None, module) -> Callable:
     return module if forward is None else partial(forward, module)
 
 
+def run_calls(forward: Callable | None, module, calls: list[dict]) -> list:
+    """Several model calls of one step (keyword arguments each), whose outputs the step needs only
+    together: an injected forward with a `calls` method (CFG-parallel) spreads their rows over its
+    ranks in one go; otherwise they run one after the other."""
+    if forward is not None and hasattr(forward, "calls"):
+        return forward.calls(module, [((), kwargs) for kwargs in calls])
+    call = bind_forward(forward, module)
+    return [call(**kwargs) for kwargs in calls]
+
+
 class Family:
     """One model family. Subclasses fill every attribute and method below."""
 

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .base import FamilyLimits, bind_forward
+from .base import FamilyLimits, run_calls
 from . import diffusers_folder
 from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
 
@@ -575,20 +575,19 @@ class LTX2Denoiser:
 
     @torch.inference_mode()
     def step(self, states: list[LTX2DenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state, the transformer called through `forward` (base.Denoiser)."""
-        forward = bind_forward(forward, self.transformer)
+        """One sampler step of each state, the transformer called through `forward` (base.Denoiser):
+        a step's branches (CFG batch, STG, modality) go to it together (base.run_calls)."""
         for state in states:
             self.step_one(state, forward)
 
     def model_inputs(self, s: LTX2DenoiseState, t: torch.Tensor, branch: str) -> dict:
         return branch_inputs(s, t, branch, self.dtype)
 
-    def predict_x0(self, s: LTX2DenoiseState, forward, t, branch: str):
-        """x0 predictions (video, audio) of one branch, float32: (B, S, C) each, B = 2 [negative,
-        prompt] for the CFG batch (x0 = latents - velocity * sigma is elementwise, so both rows at once)."""
+    def to_x0(self, s: LTX2DenoiseState, prediction) -> tuple[torch.Tensor, torch.Tensor]:
+        """One branch's velocities -> x0 predictions (video, audio), float32: (B, S, C) each, B = 2
+        [negative, prompt] for the CFG batch (x0 = latents - velocity * sigma is elementwise)."""
         i, pipe = s.done, self.pipeline
-        video, audio = forward(**self.model_inputs(s, t, branch))
-        video, audio = video.float(), audio.float()
+        video, audio = (v.float() for v in prediction)
         rows = video.shape[0]
         return (pipe.convert_velocity_to_x0(s.video.repeat(rows, 1, 1), video, i, s.video_scheduler),
                 pipe.convert_velocity_to_x0(s.audio.repeat(rows, 1, 1), audio, i, s.audio_scheduler))
@@ -599,7 +598,10 @@ class LTX2Denoiser:
 
         g, i, pipe = s.guidance, s.done, self.pipeline
         t = s.timesteps[i]
-        video_x0, audio_x0 = self.predict_x0(s, forward, t, "cond_uncond")
+        names = branches(g)
+        predictions = run_calls(forward, self.transformer, [self.model_inputs(s, t, b) for b in names])
+        x0 = {name: self.to_x0(s, p) for name, p in zip(names, predictions)}
+        video_x0, audio_x0 = x0["cond_uncond"]
         video_cfg = audio_cfg = video_stg = audio_stg = video_iso = audio_iso = 0   # the pipeline's deltas
         if g.cfg:
             video_uncond, video_x0 = video_x0.chunk(2)
@@ -607,11 +609,11 @@ class LTX2Denoiser:
             video_cfg = (g.guidance_scale - 1) * (video_x0 - video_uncond)
             audio_cfg = (g.audio_guidance_scale - 1) * (audio_x0 - audio_uncond)
         if g.stg:
-            video_perturbed, audio_perturbed = self.predict_x0(s, forward, t, "stg")
+            video_perturbed, audio_perturbed = x0["stg"]
             video_stg = g.stg_scale * (video_x0 - video_perturbed)
             audio_stg = g.audio_stg_scale * (audio_x0 - audio_perturbed)
         if g.modality:
-            video_isolated, audio_isolated = self.predict_x0(s, forward, t, "modality")
+            video_isolated, audio_isolated = x0["modality"]
             video_iso = (g.modality_scale - 1) * (video_x0 - video_isolated)
             audio_iso = (g.audio_modality_scale - 1) * (audio_x0 - audio_isolated)
         video_guided = video_x0 + video_cfg + video_stg + video_iso      # summed in the pipeline's order

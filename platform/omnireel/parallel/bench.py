@@ -106,8 +106,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, barrier=None):
-    """Runs 1 warm-up + `steps` guided steps; returns (median seconds per step, last velocities, L)."""
+def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, barrier=None, call=None):
+    """Runs 1 warm-up + `steps` guided steps (the model called as `call`, default `backbone`);
+    returns (median seconds per step, last velocities, L)."""
     spec = synthetic_spec(tokens)
     prep = backbone.prepare(build_layout(spec, backbone.cfg), device)
     video, audio, cond = synthetic_inputs(backbone.cfg, spec, device, dtype)
@@ -119,7 +120,7 @@ def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, b
                 barrier()
             _sync(device)
             start = time.perf_counter()
-            out = guided_velocity(backbone, video, audio, 0.5, cond, prep, guidance)
+            out = guided_velocity(call or backbone, video, audio, 0.5, cond, prep, guidance)
             _sync(device)
             if i:
                 times.append(time.perf_counter() - start)
@@ -130,23 +131,31 @@ def _device_for(rank: int) -> torch.device:
     return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _rank_main(rank: int, tp: int, port: int, checkpoint: str, tokens: int, steps: int, dtype: str,
-               threads: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def load_tp_shard(checkpoint: str, world: int, device, dtype: torch.dtype):
+    """A rank's TP shard over a 1-D mesh of `world` ranks -> (module, the call a step makes)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from ..checkpoint import load_backbone_shard
+
+    backbone = load_backbone_shard(checkpoint, init_device_mesh(device.type, (world,)), device, dtype)
+    return backbone, backbone
+
+
+def _rank_main(rank: int, world: int, port: int, checkpoint: str, tokens: int, steps: int, dtype: str,
+               threads: int, out_dir: str, load=load_tp_shard) -> None:
+    """One bench rank: join the group, `load(checkpoint, world, device, dtype)`, time the steps."""
+    import torch.distributed as dist
 
     torch.set_num_threads(threads)
     device = _device_for(rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=tp)
+                            rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh(device.type, (tp,))
-        backbone = load_backbone_shard(checkpoint, mesh, device, DTYPES[dtype])
-        step_s, out, length = time_steps(backbone, tokens, steps, device, DTYPES[dtype], barrier=dist.barrier)
+        backbone, call = load(checkpoint, world, device, DTYPES[dtype])
+        step_s, out, length = time_steps(backbone, tokens, steps, device, DTYPES[dtype], barrier=dist.barrier,
+                                         call=call)
         if rank == 0:
             torch.save({"step_s": step_s, "out": out, "length": length}, Path(out_dir) / "rank0.pt")
     finally:
@@ -227,10 +236,22 @@ def run(args) -> int:
             return run_ltx2(args)
         if getattr(args, "family", "omni") == "wan":
             return run_wan(args)
+        if getattr(args, "sp", 1) != 1 or getattr(args, "cfg_parallel", 1) != 1:
+            return run_mesh(args)
         bench_backbone(args.preset, args.tp, args.steps, args.tokens, args.dtype, args.check_parity)
     except ValueError as exc:
         print(f"omnireel: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_mesh(args) -> int:
+    """`--sp N` / `--cfg-parallel 2` (with any --tp): the omni step on a (cfg, sp, tp) mesh (bench_mesh.py)."""
+    from .bench_mesh import bench_mesh
+    from .mesh import MeshShape
+
+    shape = MeshShape(cfg=args.cfg_parallel, sp=args.sp, tp=args.tp)
+    print("\n".join(bench_mesh(args.preset, shape, args.steps, args.tokens, args.dtype, args.check_parity)), flush=True)
     return 0
 
 
@@ -241,8 +262,8 @@ def run_ltx2(args) -> int:
 
     if args.preset not in ("real", "tiny"):
         raise ValueError(f"--preset: the ltx2 family has presets real and tiny (got {args.preset!r})")
-    if args.tp != 1:
-        raise ValueError("--tp: the ltx2 step benchmark runs one rank")
+    if args.tp != 1 or getattr(args, "sp", 1) != 1 or getattr(args, "cfg_parallel", 1) != 1:
+        raise ValueError("--tp / --sp / --cfg-parallel: the ltx2 step benchmark runs one rank")
     width, _, height = args.size.partition("x")
     if not (width.isdigit() and height.isdigit()) or int(width) % 32 or int(height) % 32 or not int(width) * int(height):
         raise ValueError(f'--size: must be "WxH" with sides multiples of 32, e.g. 768x512 (got {args.size!r})')
@@ -260,8 +281,8 @@ def run_wan(args) -> int:
 
     if args.preset not in PRESETS:
         raise ValueError(f"--preset: the wan family has presets {', '.join(PRESETS)} (got {args.preset!r})")
-    if args.tp != 1:
-        raise ValueError("--tp: the wan step benchmark runs one rank")
+    if args.tp != 1 or getattr(args, "sp", 1) != 1 or getattr(args, "cfg_parallel", 1) != 1:
+        raise ValueError("--tp / --sp / --cfg-parallel: the wan step benchmark runs one rank")
     width, _, height = args.size.partition("x")
     if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16 or not int(width) * int(height):
         raise ValueError(f'--size: must be "WxH" with sides multiples of 16, e.g. 320x192 (got {args.size!r})')

@@ -162,7 +162,7 @@ class BackboneRank:
         return address, self.store.port
 
     def setup(self, address: tuple[str, int], checkpoint_dir: str, timeout_s: float,
-              dtype: str | None) -> int:
+              dtype: str | None, mesh=None) -> int:
         """Joins the process group, loads this rank's shard, starts the engine; returns resident bytes."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
@@ -178,9 +178,14 @@ class BackboneRank:
             torch.cuda.set_device(self.device)
         dist.init_process_group(self.backend, store=self.store, rank=self.rank, world_size=self.world,
                                 timeout=timeout)
-        mesh = init_device_mesh(self.device.type, (self.world,))
-        self.backbone = family_of(checkpoint_dir).load_backbone_shard(   # a Denoiser over this rank's shard
-            Path(checkpoint_dir), mesh, self.device, getattr(torch, dtype) if dtype else None)
+        dtype = getattr(torch, dtype) if dtype else None
+        if mesh is not None and (mesh.cfg > 1 or mesh.sp > 1):   # a (cfg, sp, tp) mesh (mesh_denoiser.py)
+            from .mesh import BackboneMesh
+            from .mesh_denoiser import load_mesh_denoiser
+            self.backbone = load_mesh_denoiser(checkpoint_dir, BackboneMesh(mesh, self.device.type), self.device, dtype)
+        else:
+            self.backbone = family_of(checkpoint_dir).load_backbone_shard(   # a Denoiser over this rank's shard
+                Path(checkpoint_dir), init_device_mesh(self.device.type, (self.world,)), self.device, dtype)
         threading.Thread(target=self._engine, name=f"backbone-rank{self.rank}", daemon=True).start()
         return resident_parameter_bytes(self.backbone.module)
 
@@ -303,29 +308,37 @@ class BackboneGroup:
     the group creates a STRICT_PACK one from `bundles(tp, use_gpu)` and removes it on shutdown.
     From a Serve replica pass `ray.util.get_current_placement_group()` (the replica's own bundles,
     e.g. declared with `placement_group_bundles=BackboneGroup.bundles(tp, gpu, host={"CPU": 1})`).
+    mesh: a (cfg, sp, tp) MeshShape (parallel/mesh.py) whose tp is `tp`; the group then has
+    cfg x sp x tp ranks (and bundles), each running its part through the mesh denoiser.
     """
 
     def __init__(self, checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
                  use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
                  dtype: str | None = None, pg_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
-                 niceness: int | None = None):
+                 niceness: int | None = None, mesh=None):
         from ..checkpoint import read_config
         from ..families import family_of
+        from .mesh import MeshShape
+        from .mesh_denoiser import check_family_mesh
 
         self.checkpoint_dir = str(checkpoint_dir)
         self.config = read_config(checkpoint_dir)
-        family_of(checkpoint_dir).check_tp(self.config, tp)   # before any actor starts
+        self.mesh = mesh or MeshShape(tp=tp)          # (cfg, sp, tp): parallel/mesh.py
+        if self.mesh.tp != tp:
+            raise ValueError(f"--tp={tp} and the mesh's tp ({self.mesh.describe()}) differ")
+        check_family_mesh(family_of(checkpoint_dir).name, self.config, self.mesh)   # before any actor starts
         self.tp = tp
+        self.ranks = self.mesh.ranks
         self.owns_placement_group = placement_group is None
         if use_gpu is None:
             use_gpu = (any(b.get("GPU", 0) for b in placement_group.bundle_specs) if placement_group
-                       else ray.cluster_resources().get("GPU", 0) >= tp)
+                       else ray.cluster_resources().get("GPU", 0) >= self.ranks)
         self.use_gpu = use_gpu
-        self.placement_group = placement_group or self.create_placement_group(tp, use_gpu, cpus_per_rank,
+        self.placement_group = placement_group or self.create_placement_group(self.ranks, use_gpu, cpus_per_rank,
                                                                               timeout_s=start_timeout_s)
-        if len(self.placement_group.bundle_specs) < tp:
+        if len(self.placement_group.bundle_specs) < self.ranks:
             raise ValueError(f"placement group has {len(self.placement_group.bundle_specs)} bundles; "
-                             f"tp={tp} needs one per rank")
+                             f"{self.mesh.describe()} needs one per rank ({self.ranks})")
         self.cpus_per_rank = cpus_per_rank
         self.threads = threads or torch.get_num_threads()
         self.dtype = dtype
@@ -375,11 +388,12 @@ class BackboneGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=i,
                 placement_group_capture_child_tasks=True),
-        ).remote(i, self.tp, self.threads, self.niceness) for i in range(self.tp)]
+        ).remote(i, self.ranks, self.threads, self.niceness) for i in range(self.ranks)]
         self._ranks = ranks
         try:
             address = self._wait_all([ranks[0].open_store.remote()], self.start_timeout_s, "open its store")[0]
-            setup = [r.setup.remote(address, self.checkpoint_dir, self.pg_timeout_s, self.dtype) for r in ranks]
+            setup = [r.setup.remote(address, self.checkpoint_dir, self.pg_timeout_s, self.dtype, self.mesh)
+                     for r in ranks]
             self.resident_parameter_bytes = self._wait_all(setup, self.start_timeout_s, "load its shard")
         except BaseException:
             self._kill()
@@ -421,7 +435,7 @@ class BackboneGroup:
             self._in_flight.clear()
             self._broken = "rebuilding"            # until _start succeeds, submit() refuses
         if self.placement_group is None:   # shut down: a group that owned its placement group makes a new one
-            self.placement_group = self.create_placement_group(self.tp, self.use_gpu, self.cpus_per_rank,
+            self.placement_group = self.create_placement_group(self.ranks, self.use_gpu, self.cpus_per_rank,
                                                                timeout_s=self.start_timeout_s)
         self._start()
 
