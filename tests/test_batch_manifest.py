@@ -95,5 +95,5 @@ def test_pools_cover_the_stage_graph_in_order():
     assert [s.name for s in POOLS["denoise"]] == ["denoise"]
     assert carried(None) == ()
     assert set(carried("encode")) == {"text", "voice", "media"}
-    assert carried("denoise") == ("latents",)
+    assert carried("denoise") == ("latents", "media")   # decode_audio takes the soundtrack encode_media made
     assert carried("decode") == ()
