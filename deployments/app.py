@@ -61,12 +61,14 @@ def build_app(args: dict | AppArgs):
 
 
 def bind_stage_deployment(deployment, stage, args: AppArgs, store):
-    """One stage deployment with its resources: the backbone host takes the rank's resources at tp=1
-    and, above, a placement group of one bundle per rank (its own CPUs joined to bundle 0)."""
+    """One stage deployment with its resources: the backbone host takes the rank's resources with one
+    rank and, above, a placement group of one bundle per mesh rank (cfg_parallel x sp x tp; its own CPUs
+    joined to bundle 0)."""
     if stage.on_backbone:
-        host = host_resources(args.tp, args.use_gpu, args.cpus_per_rank, args.replica_cpus)
-        group = {} if args.tp == 1 else {
-            "placement_group_bundles": BackboneGroup.bundles(args.tp, args.use_gpu, args.cpus_per_rank,
+        ranks = args.mesh.ranks
+        host = host_resources(ranks, args.use_gpu, args.cpus_per_rank, args.replica_cpus)
+        group = {} if ranks == 1 else {
+            "placement_group_bundles": BackboneGroup.bundles(ranks, args.use_gpu, args.cpus_per_rank,
                                                              host={"CPU": args.replica_cpus}),
             "placement_group_strategy": "STRICT_PACK"}
         return deployment.options(ray_actor_options=host, **group).bind(args, store)
@@ -143,7 +145,7 @@ def serve_command(options) -> None:
     from ray import serve
 
     args = parse_set(options.set)
-    for key in ("checkpoint", "tp", "threads"):
+    for key in ("checkpoint", "tp", "sp", "cfg_parallel", "threads"):
         if getattr(options, key) is not None:
             args[key] = getattr(options, key)
     if options.storage:

@@ -16,6 +16,10 @@ class AppArgs(BaseModel):
     checkpoint: Optional[str] = Field(None, description="checkpoint folder (default: the embedded small one)")
     model_name: Optional[str] = Field(None, description='model id in the API (default "omnireel-<preset>")')
     tp: int = Field(1, ge=1, description="tensor-parallel degree of each Backbone replica")
+    sp: int = Field(1, ge=1, description="Ulysses sequence-parallel degree of each Backbone replica")
+    cfg_parallel: int = Field(1, ge=1, le=2, description=(
+        "2: the conditional and unconditional rows of CFG on different ranks; a Backbone replica's "
+        "ranks are cfg_parallel x sp x tp (parallel/mesh.py)"))
     use_gpu: bool = Field(False, description="ranks and GPU stages take a GPU each")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per replica and per rank")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(None, description=(
@@ -65,6 +69,12 @@ class AppArgs(BaseModel):
             if amount < least:
                 raise ValueError(f"{info.field_name}.{name}: must be >= {least}, got {amount}")
         return value
+
+    @property
+    def mesh(self):
+        """The Backbone group's (cfg, sp, tp) MeshShape; its `ranks` are the replica's placement group."""
+        from omnireel.parallel.mesh import MeshShape
+        return MeshShape(cfg=self.cfg_parallel, sp=self.sp, tp=self.tp)
 
     def gpus_for(self, stage) -> float:
         """GPUs of one replica of `stage` (a stages.Stage): none without use_gpu."""

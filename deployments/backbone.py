@@ -80,7 +80,8 @@ class Backbone:
         self.compute = compute_thread(args, [BACKBONE_STAGE.name])   # runs the backbone at tp=1, drives the group above
         self.host = self.compute.run(open_backbone, args.checkpoint, args.tp, get_current_placement_group(),
                                      use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
-                                     threads=self.compute.threads, dtype=args.dtype, niceness=args.compute_niceness)
+                                     threads=self.compute.threads, dtype=args.dtype, niceness=args.compute_niceness,
+                                     mesh=args.mesh)
         values = warmup_values(read_config(args.checkpoint))
         self.compute.run(self.host.denoise, *[values[name] for name in BACKBONE_STAGE.inputs])
 

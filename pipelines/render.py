@@ -46,6 +46,8 @@ from omnireel.config import GenerationRequest, canonical_json
 from omnireel.families import family_of
 from omnireel.parallel.group import BackboneGroup, RankFailure
 from omnireel.parallel.inprocess import host_resources, open_backbone
+from omnireel.parallel.mesh import MeshShape
+from omnireel.parallel.mesh_denoiser import check_family_mesh
 from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
 from omnireel.voices import default_voice_prefix
@@ -64,6 +66,8 @@ PUSH_JOB = "omnireel_batch"
 @dataclass(frozen=True)
 class BatchOptions:
     tp: int = 1                         # tensor-parallel degree of each denoise actor's BackboneGroup
+    sp: int = 1                         # its Ulysses sequence-parallel degree
+    cfg_parallel: int = 1               # 2: its CFG rows on different ranks (ranks = cfg_parallel x sp x tp)
     replicas: int = 1                   # denoise actors (a fixed pool)
     encoders: int = 1                   # encode actors
     decoders: int = 1                   # decode actors
@@ -77,6 +81,17 @@ class BatchOptions:
     validate_only: bool = False         # triage the manifest (errors and results files) but render nothing
     voices: str | None = None           # voice registry URI (default: voices.default_voice_prefix(), resolved
                                         # on the driver so that every actor reads the same registry)
+
+    @property
+    def mesh(self) -> MeshShape:
+        """Each denoise actor's (cfg, sp, tp) mesh (parallel/mesh.py); ValueError naming the flag."""
+        return MeshShape(cfg=self.cfg_parallel, sp=self.sp, tp=self.tp)
+
+
+def check_mesh_fits(checkpoint: str, config, mesh: MeshShape) -> None:
+    """The mesh's limits for this checkpoint's family (heads divisible, sp/cfg implemented), before any
+    actor starts: ValueError naming the flag."""
+    check_family_mesh(family_of(checkpoint).name, config, mesh)
 
 
 @dataclass(frozen=True)
@@ -208,11 +223,12 @@ class DenoisePool(StagePool):
 
     pool = "denoise"
 
-    def __init__(self, checkpoint: str, threads: int | None = None, tp: int = 1, cpus_per_rank: float = 1,
-                 niceness: int | None = None, dtype: str | None = None):
+    def __init__(self, checkpoint: str, threads: int | None = None, mesh: MeshShape = MeshShape(),
+                 cpus_per_rank: float = 1, niceness: int | None = None, dtype: str | None = None):
         super().__init__(checkpoint, threads, niceness=niceness, dtype=dtype)
-        self.host = self.compute.run(open_backbone, checkpoint, tp, ray.util.get_current_placement_group(),
-                                     cpus_per_rank=cpus_per_rank, threads=threads, dtype=dtype, niceness=niceness)
+        self.host = self.compute.run(open_backbone, checkpoint, mesh.tp, ray.util.get_current_placement_group(),
+                                     cpus_per_rank=cpus_per_rank, threads=threads, dtype=dtype, niceness=niceness,
+                                     mesh=mesh)
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -302,7 +318,7 @@ def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOpti
     for pool, size, kwargs, resources in (
             ("encode", options.encoders, {"voices": options.voices or default_voice_prefix()},
              pool_resources("encode", use_gpu)),
-            ("denoise", options.replicas, {"tp": options.tp, "cpus_per_rank": options.cpus_per_rank},
+            ("denoise", options.replicas, {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank},
              denoise_resources(options, use_gpu, tag)),
             ("decode", options.decoders, {"out": out, "save_latents": options.save_latents},
              pool_resources("decode", use_gpu))):
@@ -318,11 +334,12 @@ def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOpti
 
 
 def denoise_resources(options: BatchOptions, use_gpu: bool, tag: str) -> dict:
-    """A denoise actor's resources: at tp=1 the actor is the rank (parallel/inprocess.py); above, it
-    takes nothing itself and gets a placement group of one bundle per rank."""
-    if options.tp == 1:
+    """A denoise actor's resources: with one rank the actor is the rank (parallel/inprocess.py); above,
+    it takes nothing itself and gets a placement group of one bundle per mesh rank."""
+    ranks = options.mesh.ranks
+    if ranks == 1:
         return host_resources(1, use_gpu, options.cpus_per_rank, host_cpus=0)
-    bundles = tuple(BackboneGroup.bundles(options.tp, use_gpu, options.cpus_per_rank))
+    bundles = tuple(BackboneGroup.bundles(ranks, use_gpu, options.cpus_per_rank))
     return {"num_cpus": 0, "num_gpus": 0, "ray_remote_args_fn": DenoisePlacement(tag, bundles)}
 
 
@@ -411,7 +428,7 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
     options = options or BatchOptions()
     checkpoint = str(checkpoint or default_checkpoint())
     config, digest = read_config(checkpoint), read_digest(checkpoint)
-    family_of(checkpoint).check_tp(config, options.tp)
+    check_mesh_fits(checkpoint, config, options.mesh)
 
     check_manifest(manifest)
     triaged = triage.triaged(manifest, out, config, digest, options.limit)
@@ -485,13 +502,13 @@ def command(args) -> None:
 
     from omnireel.cli import fail
 
-    for name in ("tp", "replicas", "limit"):
+    for name in ("tp", "sp", "cfg_parallel", "replicas", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            fail(f"--{name}: must be >= 1 (got {value})")
+            fail(f"--{name.replace('_', '-')}: must be >= 1 (got {value})")
     if not -20 <= args.compute_niceness <= 19:
         fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
-    options = BatchOptions(tp=args.tp, replicas=args.replicas, limit=args.limit, threads=args.threads,
+    options = BatchOptions(tp=args.tp, sp=args.sp, cfg_parallel=args.cfg_parallel, replicas=args.replicas, limit=args.limit, threads=args.threads,
                            compute_niceness=args.compute_niceness, dtype=args.dtype, save_latents=args.save_latents,
                            pushgateway=args.pushgateway, voices=args.voice_store, validate_only=args.validate_only)
     try:
@@ -500,9 +517,9 @@ def command(args) -> None:
     except (FileNotFoundError, ValueError) as e:
         fail(f"--checkpoint: {e}", code=1)
     try:
-        family_of(checkpoint).check_tp(config, options.tp)
-    except ValueError as e:
-        fail(f"--tp: {e}")
+        check_mesh_fits(checkpoint, config, options.mesh)
+    except ValueError as e:                   # the mesh's messages name their flag; the family's TP check's not
+        fail(str(e) if str(e).startswith("--") else f"--tp: {e}")
     try:
         check_manifest(args.manifest)
     except ManifestError as e:

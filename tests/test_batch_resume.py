@@ -56,6 +56,8 @@ def test_killed_run_completes_on_rerun(ray_session, tiny_checkpoint, tmp_path, c
 
 @pytest.mark.parametrize("extra,words", [
     (["--tp", "3"], "--tp: tp=3 must divide"),
+    (["--sp", "3"], "--sp=3 must divide the heads per tensor-parallel rank"),
+    (["--sp", "0"], "--sp: must be >= 1"),
     (["--limit", "0"], "--limit: must be >= 1"),
     (["--compute-niceness", "20"], "--compute-niceness: must be in -20..19 (got 20)"),
 ])

@@ -18,7 +18,7 @@ CRDS = REPO.parent / "shared" / "kuberay-crds"
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCluster": "ray.io_rayclusters.yaml"}
 # Cluster values the RayService may set differently from deployments/serve_config.yaml; nothing else.
-CLUSTER_ARGS = {"checkpoint", "tp", "use_gpu", "storage_uri", "allowed_buckets"}
+CLUSTER_ARGS = {"checkpoint", "tp", "sp", "cfg_parallel", "use_gpu", "storage_uri", "allowed_buckets"}
 
 
 def manifests() -> list[tuple[str, dict]]:
@@ -140,9 +140,11 @@ def test_cluster_shape_fits_the_serve_config(name):
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     for g in groups.values():
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
-    # a Backbone replica is one placement group of `tp` GPUs on one node; a stage with stage_gpus needs a
-    # GPU pod that holds one replica
-    assert max(gpus(g) for g in groups.values()) >= args["tp"], "no GPU group can hold one TP group"
+    # a Backbone replica is one placement group of cfg_parallel x sp x tp GPUs on one node; a stage with
+    # stage_gpus needs a GPU pod that holds one replica
+    from omnireel.deployments.args import AppArgs
+    ranks = AppArgs.model_validate(args).mesh.ranks
+    assert max(gpus(g) for g in groups.values()) >= ranks, "no GPU group can hold one Backbone group"
     for stage, count in args.get("stage_gpus", {}).items():
         assert count == 0 or max(gpus(g) for g in groups.values()) >= count, f"no GPU group for {stage}"
     for g in groups.values():
@@ -160,4 +162,5 @@ def test_rayjob_entrypoint_is_a_valid_batch_command():
     assert argv[:3] == ["python", "-m", "omnireel.pipelines.render"]
     args = build_parser().parse_args(["batch", *argv[3:]])
     assert args.manifest.startswith("s3://") and args.out.startswith("s3://") and args.pushgateway
-    assert any(gpus(g) >= args.tp for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    ranks = args.cfg_parallel * args.sp * args.tp            # one denoise actor's group, on one node
+    assert any(gpus(g) >= ranks for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])

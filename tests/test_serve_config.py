@@ -55,6 +55,27 @@ def test_configure_overrides_args_and_deployments_and_validates():
         configure(load_serve_config(), args={"max_active_jobs": 0})
 
 
+def test_a_backbone_replica_holds_one_bundle_per_mesh_rank():
+    from omnireel.deployments.app import STAGE_DEPLOYMENTS, bind_stage_deployment
+    from omnireel.stages import BACKBONE_STAGE
+
+    def replica(**mesh):
+        args = AppArgs(cpus_per_rank=0.5, replica_cpus=0.25, **mesh)
+        bound = bind_stage_deployment(STAGE_DEPLOYMENTS[BACKBONE_STAGE.deployment], BACKBONE_STAGE, args, None)
+        return bound._bound_deployment._replica_config, args.mesh
+
+    config, mesh = replica(tp=2, sp=2, cfg_parallel=2)
+    assert (mesh.cfg, mesh.sp, mesh.tp, mesh.ranks) == (2, 2, 2, 8)
+    assert config.placement_group_bundles == [{"CPU": 0.75}] + [{"CPU": 0.5}] * 7   # the replica joins bundle 0
+    assert config.placement_group_strategy == "STRICT_PACK"
+    config, mesh = replica(sp=2)
+    assert len(config.placement_group_bundles) == 2
+    config, _ = replica()                                     # one rank: the replica is the rank
+    assert config.placement_group_bundles is None and config.ray_actor_options["num_cpus"] == 0.75
+    with pytest.raises(pydantic.ValidationError, match="cfg_parallel"):
+        AppArgs(cfg_parallel=3)
+
+
 def test_stage_threads_name_model_stages_and_override_threads_for_their_replicas():
     args = AppArgs(threads=2, stage_threads={"decode_audio": 1})
     assert args.threads_for(["decode_audio"]) == 1 and args.threads_for(["decode_video"]) == 2

@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("manifest", help="Parquet manifest (file or folder), a path or URI (file://, s3://, gs://)")
     b.add_argument("--out", required=True, help="output URI prefix (artifacts/, results.parquet, errors.parquet)")
     b.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each denoising actor (default 1)")
+    b.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree of each denoising actor (default 1)")
+    b.add_argument("--cfg-parallel", type=int, default=1, choices=(1, 2),
+                   help="2: CFG's conditional and unconditional rows on different ranks (ranks = cfg x sp x tp)")
     b.add_argument("--limit", type=int, help="only the first N manifest rows")
     b.add_argument("--replicas", type=int, default=1, help="denoising actors, each its own TP group (default 1)")
     b.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
@@ -299,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="HTTP host (default 127.0.0.1, or the --config file's)")
     s.add_argument("--port", type=int, help="HTTP port (default 8000, or the --config file's)")
     s.add_argument("--tp", type=int, help="tensor-parallel degree of each Backbone replica")
+    s.add_argument("--sp", type=int, help="Ulysses sequence-parallel degree of each Backbone replica")
+    s.add_argument("--cfg-parallel", type=int, choices=(1, 2), help="2: CFG rows on different ranks")
     s.add_argument("--threads", type=int, help="torch CPU threads per replica")
     s.add_argument("--api-key", action="append", help="require this Bearer key (repeat for several)")
     s.add_argument("--set", action="append", metavar="ARG=VALUE", help="any other build_app arg (YAML value)")

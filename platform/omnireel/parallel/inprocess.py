@@ -20,6 +20,7 @@ from ray.util.placement_group import PlacementGroup
 from ..plan import ScenePlan
 from ..stages import GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings, denoise
 from .group import BackboneGroup
+from .mesh import MeshShape
 
 
 class InProcessBackbone:
@@ -47,20 +48,22 @@ class InProcessBackbone:
         self.backbone = None
 
 
-def host_resources(tp: int, use_gpu: bool, cpus_per_rank: float, host_cpus: float) -> dict:
-    """What the host itself asks Ray for: at tp=1 it is the rank (its CPUs and its GPU); above,
+def host_resources(ranks: int, use_gpu: bool, cpus_per_rank: float, host_cpus: float) -> dict:
+    """What the host itself asks Ray for: with one rank it is the rank (its CPUs and its GPU); above,
     only its own CPUs, while the ranks take `BackboneGroup.bundles(...)` of its placement group."""
-    if tp == 1:
+    if ranks == 1:
         return {"num_cpus": host_cpus + cpus_per_rank, "num_gpus": 1 if use_gpu else 0}
     return {"num_cpus": host_cpus, "num_gpus": 0}
 
 
 def open_backbone(checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
                   use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
-                  dtype: str | None = None, niceness: int | None = None):
-    """The backbone host for `tp`: in this process at tp=1 (run it on the caller's compute thread),
-    else a BackboneGroup of rank actors whose engine threads are compute threads at `niceness`."""
-    if tp == 1:
+                  dtype: str | None = None, niceness: int | None = None, mesh: MeshShape | None = None):
+    """The backbone host for `tp` (or a (cfg, sp, tp) `mesh`): in this process with one rank (run it
+    on the caller's compute thread), else a BackboneGroup of rank actors whose engine threads are
+    compute threads at `niceness`."""
+    mesh = mesh or MeshShape(tp=tp)
+    if mesh.ranks == 1:
         return InProcessBackbone(checkpoint_dir, dtype=dtype)
-    return BackboneGroup(checkpoint_dir, tp, placement_group, use_gpu=use_gpu, cpus_per_rank=cpus_per_rank,
-                         threads=threads, dtype=dtype, niceness=niceness)
+    return BackboneGroup(checkpoint_dir, mesh.tp, placement_group, use_gpu=use_gpu, cpus_per_rank=cpus_per_rank,
+                         threads=threads, dtype=dtype, niceness=niceness, mesh=mesh)
