@@ -16,7 +16,8 @@ JOBS = (
                       guidance_video=5.0, guidance_audio=2.0),
     GenerationRequest(prompt="a dog, then a cat", size="48x48", seconds=1.0, fps=8, seed=4, steps=5),
 )
-LONG = GenerationRequest(prompt="a long slow pan", size="32x32", seconds=0.5, fps=8, seed=5, steps=40)
+LONG = GenerationRequest(prompt="a long slow pan", size="32x32", seconds=0.5, fps=8, seed=5, steps=100)
+"""A job to cancel mid-batch: far from done when the others are."""
 
 
 def denoise_inputs(engine, request: GenerationRequest) -> tuple:
