@@ -161,7 +161,8 @@ class DenoiseScheduler:
                 self._pop(task)
                 continue
             if task.state is None:    # first look: from now on a Future.cancel() cannot race its result
-                if not task.future.set_running_or_notify_cancel() or not self._guard(task, lambda t=task: self._prepare(t)):
+                admitted = task.future.set_running_or_notify_cancel()
+                if not admitted or not self._guard(task, lambda t=task: self._prepare(t)):
                     self._pop(task)
                     continue
             if self.running and tokens + task.tokens > self.max_batch_tokens:

@@ -575,7 +575,10 @@ class LTX2Denoiser:
 
     @torch.inference_mode()
     def step(self, states: list[LTX2DenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state, the transformer called through `forward` (base.Denoiser)."""
+        """One sampler step of each state, the transformer called through `forward` (base.Denoiser).
+        The states step one by one, one transformer call (per guidance branch) each: a batching
+        host's scheduler (scheduler.py) runs LTX-2 jobs correctly side by side, but not faster than
+        one after the other; packing their tokens into one transformer call is a later step."""
         forward = bind_forward(forward, self.transformer)
         for state in states:
             self.step_one(state, forward)
