@@ -75,9 +75,22 @@ def packed_attention_mask(jobs, device: torch.device | str):
     mask: a PackedMask on the CPU (per-job SDPA), a FlexAttention BlockMask elsewhere."""
     segments = tuple((start, rows, layout.length, mask) for start, rows, layout, mask in jobs)
     if torch.device(device).type == "cpu":
-        return PackedMask(segments)
+        return PackedMask(merge_unmasked(segments))
     return flex_packed_mask(segments, torch.cat([layout.shot.repeat(rows) for _, rows, layout, _ in jobs]),
                             torch.cat([layout.caption.repeat(rows) for _, rows, layout, _ in jobs]), device)
+
+
+def merge_unmasked(segments) -> tuple:
+    """Adjacent segments of one length and no shot mask as one (their rows in one SDPA call): the
+    same rows, the same visibility, fewer calls when jobs of one shape are batched."""
+    merged: list[tuple[int, int, int, object]] = []
+    for start, rows, length, mask in segments:
+        if merged and mask is None and merged[-1][3] is None and merged[-1][2] == length:
+            first, first_rows, _, _ = merged.pop()
+            merged.append((first, first_rows + rows, length, None))
+        else:
+            merged.append((start, rows, length, mask))
+    return tuple(merged)
 
 
 def flex_packed_mask(segments, shot: torch.Tensor, caption: torch.Tensor, device):
