@@ -1,7 +1,14 @@
 """The Serve app against LocalEngine: end-to-end HTTP latency at concurrency 1 (as a ratio) and
-jobs/minute at concurrency 1, 4 and 8.
+jobs/minute at concurrency 1, 4 and 8, with step-level batching off and on.
 
-    python benchmarks/serve.py [--checkpoint DIR] [--repeats 5] [--set ARG=VALUE ...]
+    python benchmarks/serve.py [--checkpoint DIR] [--repeats 5] [--concurrency 1,4,8] [--batch-jobs 8]
+                               [--rounds 2] [--throughput-only] [--set ARG=VALUE ...]
+
+Jobs/minute (smallest request) is measured on two copies of the app side by side in one Serve, runs
+interleaved (off, on, on, off, ... --rounds runs of each per concurrency, jobs/minute over all of
+them): batching off (max_batch_jobs 1, at /unbatched: the Backbone replica denoises one job at a
+time) and on (max_batch_jobs --batch-jobs, at /: concurrent jobs share each denoising step),
+printed side by side with their ratio.
 
 Latency is measured for two requests on the same (tiny by default) checkpoint: the default request
 (a prompt only: 256x256, 2 s at 24 fps, 8 steps), the one the ratio target is for, and the smallest
@@ -38,6 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
+
+
+UNBATCHED_APP = "omnireel-unbatched"
 
 
 def free_port() -> int:
@@ -101,6 +111,10 @@ def main() -> None:
     parser.add_argument("--poll-s", type=float, default=0.0,
                         help="poll the job every this many seconds instead of one long poll (wait_s)")
     parser.add_argument("--set", action="append", metavar="ARG=VALUE", help="a build_app arg (YAML value), repeatable")
+    parser.add_argument("--concurrency", default="1,4,8", help="client counts of the jobs/minute runs")
+    parser.add_argument("--batch-jobs", type=int, default=8, help="max_batch_jobs of the batching-on run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each app per concurrency (off and on alternate)")
+    parser.add_argument("--throughput-only", action="store_true", help="only the jobs/minute runs")
     options = parser.parse_args()
 
     import ray
@@ -123,22 +137,31 @@ def main() -> None:
     engine = LocalEngine(checkpoint)
     engine.render(GenerationRequest(**requests["smallest"], seed=0))            # warm-up
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     port = free_port()
     one_each = {d.name: {"num_replicas": 1, "autoscaling_config": None} for d in DEPLOYMENTS}
-    config = configure(load_serve_config(), deployments=one_each, host="127.0.0.1", port=port, args={
-        "checkpoint": checkpoint, "storage_uri": os.path.join(workdir, "store"), "threads": options.threads,
-        "replica_cpus": 0.25, "cpus_per_rank": 0.25, "control_cpus": 0.05, "max_active_jobs": 64,
-        "runner_max_ongoing": 8, **parse_set(options.set)})
+    concurrencies = [int(c) for c in options.concurrency.split(",")]
+
+    def app_config(max_batch_jobs: int) -> dict:
+        return configure(load_serve_config(), deployments=one_each, host="127.0.0.1", port=port, args={
+            "checkpoint": checkpoint, "storage_uri": os.path.join(workdir, "store"), "threads": options.threads,
+            "replica_cpus": 0.25, "cpus_per_rank": 0.25, "control_cpus": 0.05, "max_active_jobs": 64,
+            "runner_max_ongoing": max(8, max(concurrencies)), "max_batch_jobs": max_batch_jobs,
+            **parse_set(options.set)})
+
+    config = app_config(options.batch_jobs)
+    unbatched_app = {**app_config(1)["applications"][0], "name": UNBATCHED_APP, "route_prefix": "/unbatched"}
+    config["applications"].append(unbatched_app)          # the same app beside it, batching off
     started = time.perf_counter()
     serve_run(config, ray.get_runtime_context().gcs_address)
     wait_until_running(APP_NAME)
+    wait_until_running(UNBATCHED_APP)
     startup = time.perf_counter() - started
     url = f"http://127.0.0.1:{port}"
     seed = iter(range(1000, 10**6))
     latency = {}
-    for name, request in requests.items():
+    for name, request in ({} if options.throughput_only else requests).items():
         http_job(url, {**request, "seed": next(seed)}, options.poll_s)                          # warm-up
         engine.render(GenerationRequest(**request, seed=next(seed)))
         local, served, stages = [], [], []
@@ -150,16 +173,42 @@ def main() -> None:
         latency[name] = (GenerationRequest(**request), statistics.median(local), statistics.median(served),
                          {stage: statistics.median(t[stage] for t in stages) for stage in stages[0]})
 
-    per_stage = stage_by_stage(engine, GenerationRequest(**requests["default"], seed=next(seed)), options.repeats)
+    per_stage = {} if options.throughput_only else stage_by_stage(
+        engine, GenerationRequest(**requests["default"], seed=next(seed)), options.repeats)
 
-    rates = {}
-    for concurrency in (1, 4, 8):
+    def timed_jobs(app_url: str, concurrency: int) -> tuple[int, float]:
+        """(jobs, seconds) of 2 x concurrency (at least 8) smallest jobs from `concurrency` clients."""
         jobs = max(8, 2 * concurrency)
         bodies = [{**requests["smallest"], "seed": next(seed)} for _ in range(jobs)]
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(lambda body: http_job(url, body, options.poll_s), bodies))
-        rates[concurrency] = jobs / (time.perf_counter() - start) * 60
+            list(pool.map(lambda body: http_job(app_url, body, options.poll_s), bodies))
+        return jobs, time.perf_counter() - start
+
+    from ray import serve
+
+    batched, unbatched, batch_sizes = {}, {}, {}
+    apps = {"off": f"{url}/unbatched", "on": url}
+    backbone, steps_seen = serve.get_deployment_handle("Backbone", APP_NAME), [0]
+
+    def new_steps() -> list[int]:
+        """Jobs per step of the batching replica's steps since the last call (its recent 1024 steps)."""
+        steps = [jobs for jobs, _ in backbone.batching.remote().result()["recent_steps"]]
+        new = steps[-(len(steps) - steps_seen[0]):] if len(steps) > steps_seen[0] else []
+        steps_seen[0] = len(steps)
+        return new
+
+    for app_url in apps.values():                                                          # warm-up
+        http_job(app_url, {**requests["smallest"], "seed": next(seed)}, options.poll_s)
+    new_steps()
+    for concurrency in concurrencies:       # off, on, on, off, ...: both see the same machine load
+        totals = {"off": [0, 0.0], "on": [0, 0.0]}
+        for mode in ["off", "on", "on", "off"] * (options.rounds // 2) + ["off", "on"] * (options.rounds % 2):
+            jobs, seconds = timed_jobs(apps[mode], concurrency)
+            totals[mode][0] += jobs
+            totals[mode][1] += seconds
+        unbatched[concurrency], batched[concurrency] = (60 * totals[m][0] / totals[m][1] for m in ("off", "on"))
+        batch_sizes[concurrency] = new_steps()
 
     polling = f"polling every {options.poll_s:g} s" if options.poll_s else "long poll"
     app_args = config["applications"][0]["args"]
@@ -172,11 +221,18 @@ def main() -> None:
               f"{engine.plan(request).steps} steps): LocalEngine {local_s:.3f} s, HTTP end to end {served_s:.3f} s, "
               f"ratio {served_s / local_s:.2f}{target}, overhead {1000 * (served_s - local_s):.0f} ms")
         print("  LocalEngine stages: " + ", ".join(f"{stage} {t:.3f} s" for stage, t in stages.items()))
-    print("per stage, default request, served (one handle call) / LocalEngine: " + ", ".join(
-        f"{stage} {served_s:.3f}/{local_s:.3f} s" + (f" ({served_s / local_s:.2f})" if local_s >= 0.05 else "")
-        for stage, (served_s, local_s) in per_stage.items()))
-    print("jobs/minute (smallest request): " + ", ".join(f"concurrency {c}: {rate:.1f}" for c, rate in rates.items()))
-    from ray import serve
+    if per_stage:
+        print("per stage, default request, served (one handle call) / LocalEngine: " + ", ".join(
+            f"{stage} {served_s:.3f}/{local_s:.3f} s" + (f" ({served_s / local_s:.2f})" if local_s >= 0.05 else "")
+            for stage, (served_s, local_s) in per_stage.items()))
+    smallest = GenerationRequest(**requests["smallest"])
+    print(f"jobs/minute (smallest request: {smallest.size}, {smallest.seconds:g} s at {smallest.fps} fps, "
+          f"{engine.plan(smallest).steps} steps), batching off (max_batch_jobs 1) / on (max_batch_jobs "
+          f"{options.batch_jobs}): " + ", ".join(
+              f"concurrency {c}: {unbatched[c]:.1f} / {batched[c]:.1f} ({batched[c] / unbatched[c]:.2f}x)"
+              for c in concurrencies))
+    print("  mean jobs per denoising step, batching on: " + ", ".join(
+        f"concurrency {c}: {sum(sizes) / max(1, len(sizes)):.2f}" for c, sizes in batch_sizes.items()))
     serve.shutdown()
     ray.shutdown()
     sys.stdout.flush()

@@ -71,9 +71,15 @@ def bind_stage_deployment(deployment, stage, args: AppArgs, store):
             "placement_group_bundles": BackboneGroup.bundles(ranks, args.use_gpu, args.cpus_per_rank,
                                                              host={"CPU": args.replica_cpus}),
             "placement_group_strategy": "STRICT_PACK"}
-        return deployment.options(ray_actor_options=host, **group).bind(args, store)
+        return deployment.options(ray_actor_options=host, **backbone_queue(args), **group).bind(args, store)
     return deployment.options(ray_actor_options={"num_cpus": args.replica_cpus,
                                                  "num_gpus": args.gpus_for(stage)}).bind(args)
+
+
+def backbone_queue(args: AppArgs) -> dict:
+    """At tp=1, where a Backbone replica batches: a running batch of max_batch_jobs and as many
+    waiting to join it at the next step boundary. Above, Serve's default (the group queues jobs)."""
+    return {"max_ongoing_requests": 2 * args.max_batch_jobs} if args.tp == 1 else {}
 
 
 # ---- the Serve config YAML -------------------------------------------------------------------------

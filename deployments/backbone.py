@@ -5,6 +5,12 @@ Above tp=1 each replica owns its group: the replica is declared with `placement_
 per rank, the replica's own CPUs joined to bundle 0, STRICT_PACK; see app.py) and hands its
 placement group to the group, which places rank i in bundle i, as Ray Serve LLM does for vLLM.
 
+At tp=1 the replica batches: every `run` call submits its job to one DenoiseScheduler
+(omnireel/scheduler.py) and awaits that job's result; the compute thread drives the scheduler's
+loop while there is work, so concurrent jobs join the running batch at the next step boundary and
+leave it when done (up to `max_batch_jobs` / `max_batch_tokens`; max_batch_jobs 1 is one job at a
+time). Above tp=1 the group's rank 0 runs one job at a time.
+
 Progress and cancel: every denoising step is reported to the JobStore, whose answer says whether
 to stop (the job was cancelled, or this attempt is stale); the group turns that into a cancel that
 every rank sees at the same step. A rank that dies fails the call with RankFailure (the JobRunner
@@ -22,8 +28,8 @@ from omnireel import metrics
 from omnireel.checkpoint import read_config
 from omnireel.parallel.group import RankFailure
 from omnireel.parallel.inprocess import open_backbone
-
-from omnireel.stages import BACKBONE_STAGE
+from omnireel.scheduler import DenoiseScheduler
+from omnireel.stages import BACKBONE_STAGE, StageTimings
 
 from .stage_replica import DRIVER, NO_JOB, JobTicket, compute_thread, timed_call, warmup_values
 
@@ -73,6 +79,12 @@ class JobSignals:
             self._sending = False
 
 
+def log_failure(future) -> None:
+    """A driving loop that raised (its jobs' futures hold their own errors; this is the loop's)."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("denoise scheduler loop failed", exc_info=future.exception())
+
+
 @serve.deployment
 class Backbone:
     def __init__(self, args, store):
@@ -82,8 +94,24 @@ class Backbone:
                                      use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
                                      threads=self.compute.threads, dtype=args.dtype, niceness=args.compute_niceness,
                                      mesh=args.mesh)
+        self.scheduler = None                    # one rank: the batching loop over the replica's own backbone
+        if args.mesh.ranks == 1:
+            self.scheduler = DenoiseScheduler(self.host.backbone, args.max_batch_jobs, args.max_batch_tokens,
+                                              driver=DRIVER)
         values = warmup_values(read_config(args.checkpoint))
-        self.compute.run(self.host.denoise, *[values[name] for name in BACKBONE_STAGE.inputs])
+        self.compute.run(self._warm_up, *[values[name] for name in BACKBONE_STAGE.inputs])
+
+    def _warm_up(self, *inputs) -> None:
+        """The smallest job once on the backbone host; at tp=1 twice through the scheduler, so its
+        batched step has run too before the replica reports ready."""
+        if self.scheduler is None:
+            self.host.denoise(*inputs)
+            return
+        tasks = [self.scheduler.submit(*inputs) for _ in range(min(2, self.scheduler.max_batch_jobs))]
+        if self.scheduler.claim_driver():
+            self.scheduler.run_until_idle()
+        for task in tasks:
+            task.future.result()
 
     async def run(self, stage_name: str, ticket: JobTicket, *inputs):
         """The backbone stage: (plan, text, voice, media) -> GeneratedLatents, on the backbone host."""
@@ -91,6 +119,8 @@ class Backbone:
             raise ValueError(f"Backbone does not run stage {stage_name!r}")
         signals = JobSignals(self.store, ticket, asyncio.get_running_loop())
         try:
+            if self.scheduler is not None:
+                return await self._batched(inputs, signals)
             return await timed_call(self.compute, BACKBONE_STAGE, self.host.denoise, *inputs,
                                     progress=signals.progress, should_stop=signals.should_stop)
         except RankFailure:
@@ -99,6 +129,22 @@ class Backbone:
         except asyncio.CancelledError:   # the caller gave up: stop at the next step
             signals.stop = True
             raise
+
+    async def _batched(self, inputs, signals: JobSignals):
+        """The job joins the scheduler's batch; the compute thread runs the loop unless it already does."""
+        with StageTimings(DRIVER).measure(BACKBONE_STAGE):
+            task = self.scheduler.submit(*inputs, progress=signals.progress, should_stop=signals.should_stop)
+            if self.scheduler.claim_driver():
+                self.compute.submit(self.scheduler.run_until_idle).add_done_callback(log_failure)
+            return await asyncio.wrap_future(task.future)
+
+    async def batching(self) -> dict:
+        """What the replica's scheduler holds and ran (tp=1): jobs running and waiting, and the recent
+        steps as (jobs, tokens), oldest first. Empty above tp=1 (one job at a time on the group)."""
+        if self.scheduler is None:
+            return {}
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "recent_steps": [(step.jobs, step.tokens) for step in self.scheduler.recent_steps]}
 
     async def ready(self) -> bool:
         return True

@@ -278,14 +278,17 @@ def prometheus(tmp_path):
 def test_a_real_prometheus_scrapes_the_app_and_has_every_dashboard_metric(served, prometheus):
     import ray
 
-    # The batch panels' metrics come from batch runs; a live actor on this cluster records them
-    # through the same metrics.py definitions (the batch tests check the pipeline records them).
+    # The batch panels' metrics come from batch runs, the denoise batch panels' from a batching
+    # (tp=1) Backbone, and this app's is tp=2; a live actor on this cluster records them through the
+    # same metrics.py definitions (the batch tests and test_serve_batching run the code that records them).
     @ray.remote(num_cpus=0)
     class BatchMetrics:
         def record(self):
             from omnireel import metrics
             metrics.record("omnireel_batch_rows", 1, outcome="rendered")
             metrics.record("omnireel_batch_videos_per_hour", 42.0)
+            metrics.record("omnireel_denoise_batch_jobs", 2, driver="serve")
+            metrics.record("omnireel_denoise_batch_tokens", 256, driver="serve")
             return True
 
     recorder = BatchMetrics.remote()

@@ -34,7 +34,8 @@ def test_autoscaling_is_set_per_deployment_in_the_yaml_and_the_store_is_one_repl
             scaling = entry["autoscaling_config"]
             assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], name
             assert scaling["target_ongoing_requests"] > 0, name
-    assert entries["Backbone"]["autoscaling_config"]["target_ongoing_requests"] == 1   # one job per replica
+    batch = omnireel_app(load_serve_config())["args"]["max_batch_jobs"]
+    assert entries["Backbone"]["autoscaling_config"]["target_ongoing_requests"] == batch   # a full batch per replica
 
 
 def test_code_leaves_autoscaling_to_the_yaml():
@@ -150,3 +151,14 @@ def test_the_wan_serve_config_validates_with_a_tp_group_and_no_audio_gpu():
     assert args.tp == 2 and args.dtype == "bfloat16"
     assert {stage.name: args.gpus_for(stage) for stage in STAGE_GRAPH if stage.component} == {
         "encode_text": 1, "encode_voice": 0, "encode_media": 1, "denoise": 1, "decode_video": 1, "decode_audio": 0}
+
+
+def test_a_batching_backbone_takes_a_batch_and_as_many_waiting_and_the_bounds_are_checked():
+    from omnireel.deployments.app import backbone_queue
+    assert backbone_queue(AppArgs(max_batch_jobs=8)) == {"max_ongoing_requests": 16}
+    assert backbone_queue(AppArgs(max_batch_jobs=1)) == {"max_ongoing_requests": 2}    # batching off
+    assert backbone_queue(AppArgs(tp=2, max_batch_jobs=8)) == {}                       # the group's own queue
+    with pytest.raises(pydantic.ValidationError, match="max_batch_jobs"):
+        AppArgs(max_batch_jobs=0)
+    with pytest.raises(pydantic.ValidationError, match="max_batch_tokens"):
+        AppArgs(max_batch_tokens=0)

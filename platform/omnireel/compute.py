@@ -28,7 +28,7 @@ import functools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -84,6 +84,10 @@ class ComputeThread:
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on the compute thread; blocks the caller until it returns."""
         return self._executor.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """fn(*args, **kwargs) queued on the compute thread; returns at once (a concurrent Future)."""
+        return self._executor.submit(fn, *args, **kwargs)
 
     async def call(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on the compute thread, awaited. Cancelling the await does not stop a

@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_JOBS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+BATCH_TOKENS_BUCKETS = tuple(2 ** i for i in range(6, 19))    # 64 .. 262144
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("omnireel_jobs", "counter", "Online jobs that reached a status", ("status",)),
     MetricSpec("omnireel_jobs_active", "gauge", "Online jobs currently queued or in progress", ("status",)),
     MetricSpec("omnireel_denoise_steps", "counter", "Denoising steps completed (rate = steps/s)", ("driver",)),
+    MetricSpec("omnireel_denoise_batch_jobs", "histogram", "Jobs in one denoising step of a backbone host's "
+               "scheduler (continuous batching)", ("driver",), BATCH_JOBS_BUCKETS),
+    MetricSpec("omnireel_denoise_batch_tokens", "histogram", "Tokens (layout length x CFG rows) in one "
+               "denoising step of a backbone host's scheduler", ("driver",), BATCH_TOKENS_BUCKETS),
     MetricSpec("omnireel_http_requests", "counter", "HTTP requests answered", ("route", "code")),
     MetricSpec("omnireel_batch_rows", "counter", "Batch manifest rows finished", ("outcome",)),
     MetricSpec("omnireel_batch_videos_per_hour", "gauge", "Batch throughput over the run so far", ()),

@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 
 from . import media
-from .model.sampler import Cancelled
 from .plan import ScenePlan
 
 ProgressFn = Callable[[int, int], None]
@@ -180,16 +179,16 @@ def run_graph(graph: tuple[Stage, ...], values: dict, call: Callable[[Stage, lis
 @torch.inference_mode()
 def denoise(denoiser, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media_latents: MediaLatents,
             progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> GeneratedLatents:
-    """The denoise stage of every family: prepare, one `step` per sampler step, finish. Checks
-    should_stop() at the start of every step (model.sampler.Cancelled), reports progress after it."""
-    state = denoiser.prepare(plan, text, voice, media_latents)
-    while state.done < state.steps:
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"stopped at step {state.done} of {state.steps}")
-        denoiser.step([state])
-        if progress is not None:
-            progress(state.done, state.steps)
-    return denoiser.finish(state)
+    """The denoise stage of every family: one job through a scheduler of its own (scheduler.py: prepare,
+    one `step` per sampler step, finish). Checks should_stop() at the start of every step
+    (model.sampler.Cancelled), reports progress after it. A backbone host that batches jobs keeps
+    one DenoiseScheduler and submits every job to it instead."""
+    from .scheduler import DenoiseScheduler
+
+    scheduler = DenoiseScheduler(denoiser, max_batch_jobs=1)
+    task = scheduler.submit(plan, text, voice, media_latents, progress=progress, should_stop=should_stop)
+    scheduler.run_until_idle()
+    return task.future.result()
 
 
 # ---- components --------------------------------------------------------------------------------

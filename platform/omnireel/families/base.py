@@ -49,7 +49,8 @@ class FamilyLimits:
 
 
 class DenoiseState(Protocol):
-    """One job's sampler state between steps."""
+    """One job's sampler state between steps. A state may also give `tokens` (its step's model
+    tokens, CFG rows included): what a batching scheduler's max_batch_tokens counts (scheduler.py)."""
     steps: int        # sampler steps in all
     done: int         # steps taken so far
 

@@ -576,7 +576,10 @@ class LTX2Denoiser:
     @torch.inference_mode()
     def step(self, states: list[LTX2DenoiseState], forward: Callable | None = None) -> None:
         """One sampler step of each state, the transformer called through `forward` (base.Denoiser):
-        a step's branches (CFG batch, STG, modality) go to it together (base.run_calls)."""
+        a step's branches (CFG batch, STG, modality) go to it together (base.run_calls). The states
+        step one by one: a batching host's scheduler (scheduler.py) runs LTX-2 jobs correctly side by
+        side, but not faster than one after the other; packing their tokens into one transformer call
+        is a later step."""
         for state in states:
             self.step_one(state, forward)
 

@@ -24,7 +24,8 @@ from ..model.audio import AudioCodec, MelSpectrogram, Vocoder
 from ..model.backbone import ConditionTokens, OmniBackbone, PreparedLayout
 from ..model.config import LANGUAGES, ModelConfig
 from ..model.layout import build_layout
-from ..model.sampler import Guidance, euler_step, noisy_masks, shifted_sigmas
+from ..model.sampler import (Guidance, euler_step, euler_update, guidance_rows, guide, noisy_masks,
+                             shifted_sigmas)
 from ..model.text import mean_pool
 from ..model.vae import VideoVAE, to_pixels
 from ..plan import PlanError, ScenePlan, ShotPlan, first_frame, language_index, shot_latent_starts, storyboard_shots
@@ -191,6 +192,11 @@ class OmniDenoiseState:
     steps: int
     done: int = 0
 
+    @property
+    def tokens(self) -> int:
+        """Tokens of one step's model call: the layout's, once per CFG branch (what max_batch_tokens counts)."""
+        return self.prep.layout.length * (2 if self.guidance.needs_uncond else 1)
+
 
 class OmniDenoiser:
     """The `backbone` component of the omni family: an OmniBackbone (whole, or this rank's TP shard)."""
@@ -237,12 +243,25 @@ class OmniDenoiser:
 
     @torch.inference_mode()
     def step(self, states: list[OmniDenoiseState], forward: Callable | None = None) -> None:
-        """One Euler step (with CFG) for each state, the backbone called through `forward` (base.Denoiser)."""
-        forward = bind_forward(forward, self.backbone)
-        for s in states:
+        """One Euler step (with CFG) of every state, the backbone called through `forward` (base.Denoiser).
+        One state: OmniBackbone.forward on its rows (the LocalEngine path). Several: one
+        forward_packed over all their rows (CFG branches included) packed into one varlen sequence,
+        each state at its own sigma, guidance and layout; the states move only after the forward
+        returns, so a failing forward leaves every state as it was."""
+        if len(states) == 1:
+            s = states[0]
             i = s.done
-            s.video, s.audio = euler_step(forward, s.video, s.audio, float(s.sigmas[i]), float(s.sigmas[i + 1]),
-                                          s.cond, s.prep, s.guidance, s.video_noisy, s.audio_noisy)
+            s.video, s.audio = euler_step(bind_forward(forward, self.backbone), s.video, s.audio, float(s.sigmas[i]),
+                                          float(s.sigmas[i + 1]), s.cond, s.prep, s.guidance, s.video_noisy,
+                                          s.audio_noisy)
+            s.done = i + 1
+            return
+        rows = [guidance_rows(s.video, s.audio, float(s.sigmas[s.done]), s.cond, s.prep, s.guidance) for s in states]
+        velocities = bind_forward(forward, self.backbone.forward_packed)(rows)
+        for s, (v_video, v_audio) in zip(states, velocities):
+            i = s.done
+            s.video, s.audio = euler_update(s.video, s.audio, *guide(v_video, v_audio, s.guidance), float(s.sigmas[i]),
+                                            float(s.sigmas[i + 1]), s.video_noisy, s.audio_noisy)
             s.done = i + 1
 
     def finish(self, state: OmniDenoiseState) -> GeneratedLatents:

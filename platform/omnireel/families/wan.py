@@ -440,7 +440,10 @@ class WanDenoiser:
 
     @torch.inference_mode()
     def step(self, states: list[WanDenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state, the step's expert called through `forward` (base.Denoiser)."""
+        """One sampler step of each state, the step's expert called through `forward` (base.Denoiser).
+        The states step one by one, one transformer call each: a batching host's scheduler
+        (scheduler.py) runs Wan jobs correctly side by side, but not faster than one after the other;
+        packing their tokens into one transformer call is a later step."""
         for state in states:
             self.step_one(state, forward)
 

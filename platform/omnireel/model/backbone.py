@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import build_attention_mask, joint_attention
+from .attention import build_attention_mask, joint_attention, packed_attention_mask
 from .config import LANGUAGES, MODALITIES, MODALITY_GROUPS, BackboneConfig
 from .layout import TokenLayout, patchify, unpatchify
 from .rope import SpacetimeRoPE, apply_rope
@@ -49,15 +49,72 @@ class PreparedLayout:
     cue: torch.Tensor | None = None            # (L,) bool: audio cue tokens
 
 
+@dataclass
+class BackboneRows:
+    """One job's rows of a packed forward: OmniBackbone.forward's arguments (B rows sharing one layout;
+    B = 2 for the CFG branches of a guided job)."""
+    video: torch.Tensor                  # (B, C, T, h, w)
+    audio: torch.Tensor                  # (B, Ca, Ta)
+    sigmas: torch.Tensor                 # (B, 3) = (clean 0, video, audio)
+    cond: ConditionTokens                # B rows
+    prep: PreparedLayout
+    drop_captions: torch.Tensor | None = None   # (B,) bool: rows whose captions are the null caption
+
+    @property
+    def tokens(self) -> int:
+        return self.video.shape[0] * self.prep.layout.length
+
+
+@dataclass
+class PackedLayout:
+    """Several jobs' rows as one varlen sequence (1, N, d), N = sum of rows x length: what a block needs
+    of a layout (rope, mask, timestep), over the packed tokens. Job j's rows sit one after the other
+    from offsets[j]; its tokens index the sigma table of its own rows only, and the block-diagonal
+    mask keeps every row to its own tokens."""
+    rope: tuple[torch.Tensor, torch.Tensor]   # cos, sin (N, head_dim/2)
+    mask: object                               # attention.PackedMask | BlockMask
+    timestep: torch.Tensor                     # (N,) long into the (rows x 3) sigma table
+    groups: tuple[torch.Tensor, ...]           # per weight group (text, video, audio): its token indices
+    offsets: tuple[int, ...]                   # first token of each job
+
+
+def pack_layouts(jobs: list[BackboneRows], device) -> PackedLayout:
+    """The PackedLayout of `jobs`, in order."""
+    cos, sin, timestep, groups, offsets = [], [], [], [[], [], []], []
+    start, first_row = 0, 0
+    for job in jobs:
+        prep, rows, length = job.prep, job.video.shape[0], job.prep.layout.length
+        offsets.append(start)
+        cos.append(prep.rope[0].repeat(rows, 1))
+        sin.append(prep.rope[1].repeat(rows, 1))
+        row_ids = torch.arange(first_row, first_row + rows, device=device).repeat_interleave(length)  # (rows*L,)
+        timestep.append(prep.timestep.repeat(rows) + 3 * row_ids)
+        for group, span in zip(groups, prep.layout.group_spans()):
+            row_starts = start + length * torch.arange(rows, device=device)                          # (rows,)
+            group.append((row_starts[:, None] + torch.arange(span.start, span.stop, device=device)).flatten())
+        start, first_row = start + rows * length, first_row + rows
+    mask = packed_attention_mask([(o, j.video.shape[0], j.prep.layout, j.prep.mask) for o, j in zip(offsets, jobs)],
+                                 device)
+    return PackedLayout(rope=(torch.cat(cos), torch.cat(sin)), mask=mask, timestep=torch.cat(timestep),
+                        groups=tuple(torch.cat(g) for g in groups), offsets=tuple(offsets))
+
+
 class ModalityLinear(nn.Module):
-    """One nn.Linear per weight group (text, video, audio), applied to its contiguous token span."""
+    """One nn.Linear per weight group (text, video, audio), applied to its tokens: one contiguous span
+    per group (a single layout), or one index tensor per group (a packed batch: PackedLayout.groups)."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
         self.groups = nn.ModuleDict({g: nn.Linear(d_in, d_out) for g in MODALITY_GROUPS})
 
     def forward(self, x: torch.Tensor, group_spans) -> torch.Tensor:
-        return torch.cat([lin(x[:, span]) for lin, span in zip(self.groups.values(), group_spans)], 1)
+        if isinstance(group_spans[0], slice):
+            return torch.cat([lin(x[:, span]) for lin, span in zip(self.groups.values(), group_spans)], 1)
+        outputs = [lin(x[:, index]) for lin, index in zip(self.groups.values(), group_spans)]  # (B, n_g, d_out)
+        out = outputs[0].new_empty(x.shape[0], x.shape[1], outputs[0].shape[-1])               # (B, L, d_out)
+        for index, y in zip(group_spans, outputs):
+            out[:, index] = y
+        return out
 
 
 def linear(d_in: int, d_out: int, per_modality: bool) -> nn.Module:
@@ -206,13 +263,43 @@ class OmniBackbone(nn.Module):
         """video (B, C, T, h, w), audio (B, Ca, Ta), sigmas (B, 3) = (clean 0, video, audio)
         -> velocities of the same shapes as video and audio."""
         x = self.embed(video, audio, cond, prep, drop_captions)                          # (B, L, d)
-        t_emb = self.time_embed(timestep_embedding(sigmas, self.cfg.freq_dim)).to(x.dtype)  # (B, 3, d)
-        time_mod = self.time_modulation(t_emb).unflatten(-1, (6, self.cfg.dim))          # (B, 3, 6, d)
-        group_spans = prep.layout.group_spans()
+        t_emb, time_mod = self.time_modulations(sigmas, x.dtype)                         # (B, 3, d), (B, 3, 6, d)
+        x = self.transform(x, t_emb, time_mod, prep, prep.layout.group_spans())
+        return self.velocities(x, prep)
+
+    def forward_packed(self, jobs: list[BackboneRows]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward over several jobs (different layouts, sigmas, rows) packed into one varlen
+        sequence with a block-diagonal mask; a row never sees another row's tokens, so each job's
+        velocities are what `forward` gives it alone (up to float rounding). -> per job, its
+        (v_video (B, C, T, h, w), v_audio (B, Ca, Ta))."""
+        device = jobs[0].video.device
+        xs = [self.embed(j.video, j.audio, j.cond, j.prep, j.drop_captions) for j in jobs]   # (B_j, L_j, d)
+        x = torch.cat([x.flatten(0, 1) for x in xs])[None]                                  # (1, N, d)
+        sigmas = torch.cat([j.sigmas for j in jobs])                                         # (R, 3)
+        t_emb, time_mod = self.time_modulations(sigmas, x.dtype)                             # (R, 3, d), (R, 3, 6, d)
+        packed = pack_layouts(jobs, device)
+        x = self.transform(x, t_emb.flatten(0, 1)[None], time_mod.flatten(0, 1)[None], packed, packed.groups)
+        out = []
+        for job, offset, x_job in zip(jobs, packed.offsets, xs):
+            rows, length = x_job.shape[:2]
+            out.append(self.velocities(x[0, offset:offset + rows * length].view(rows, length, -1), job.prep))
+        return out
+
+    def time_modulations(self, sigmas: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigmas (B, 3) -> the timestep embeddings (B, 3, d) and the blocks' adaLN table (B, 3, 6, d)."""
+        t_emb = self.time_embed(timestep_embedding(sigmas, self.cfg.freq_dim)).to(dtype)    # (B, 3, d)
+        return t_emb, self.time_modulation(t_emb).unflatten(-1, (6, self.cfg.dim))
+
+    def transform(self, x, t_emb, time_mod, prep, group_spans) -> torch.Tensor:
+        """The blocks and the final adaLN norm over x (B, L, d); `prep` a PreparedLayout or a PackedLayout
+        (its timestep indexes dim 1 of t_emb (B, n_t, d) and time_mod (B, n_t, 6, d))."""
         for block in self.blocks:
             x = block(x, time_mod, prep, group_spans)
         shift, scale = (t_emb[:, :, None] + self.head_modulation)[:, prep.timestep].unbind(2)  # (B, L, d)
-        x = self.norm_out(x) * (1 + scale) + shift
+        return self.norm_out(x) * (1 + scale) + shift
+
+    def velocities(self, x: torch.Tensor, prep: PreparedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, d) of one layout -> v_video (B, C, T, h, w), v_audio (B, Ca, Ta)."""
         spans = prep.layout.spans
         v_video = unpatchify(self.video_head(x[:, spans["video"]]), prep.layout.video_grid, self.cfg.patch)
         v_audio = self.audio_head(x[:, spans["audio"]]).transpose(1, 2)

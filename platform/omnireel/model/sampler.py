@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .backbone import ConditionTokens, OmniBackbone, PreparedLayout
+from .backbone import BackboneRows, ConditionTokens, OmniBackbone, PreparedLayout
 
 
 class Cancelled(Exception):
@@ -37,19 +37,35 @@ class Guidance:
         return self.video != 1.0 or self.audio != 1.0
 
 
+def guidance_rows(video, audio, sigma: float, cond: ConditionTokens, prep: PreparedLayout,
+                  guidance: Guidance) -> BackboneRows:
+    """The model rows of one guided evaluation: the cond row, and the uncond row (captions dropped)
+    when guidance needs it. video (1, C, T, h, w), audio (1, Ca, Ta)."""
+    sig = video.new_tensor([[0.0, sigma, sigma]])                                   # (1, 3)
+    if not guidance.needs_uncond:
+        return BackboneRows(video, audio, sig, cond, prep)
+    drop = torch.tensor([False, True], device=video.device)
+    return BackboneRows(video.repeat(2, 1, 1, 1, 1), audio.repeat(2, 1, 1), sig.repeat(2, 1), cond.repeat(2),
+                        prep, drop)
+
+
+def guide(v_video, v_audio, guidance: Guidance):
+    """The rows' velocities (cond, [uncond]) -> the guided velocity (1 row each)."""
+    if not guidance.needs_uncond:
+        return v_video, v_audio
+    return (v_video[1:] + guidance.video * (v_video[:1] - v_video[1:]),
+            v_audio[1:] + guidance.audio * (v_audio[:1] - v_audio[1:]))
+
+
 def guided_velocity(backbone, video, audio, sigma: float, cond: ConditionTokens,
                     prep: PreparedLayout, guidance: Guidance):
     """One model evaluation with CFG (`backbone`: an OmniBackbone or any call with its signature).
     video (1, C, T, h, w), audio (1, Ca, Ta) -> velocities."""
-    sig = video.new_tensor([0.0, sigma, sigma])
-    if not guidance.needs_uncond:
-        return backbone(video, audio, sig[None], cond, prep)
-    drop = torch.tensor([False, True], device=video.device)
-    v_video, v_audio = backbone(video.repeat(2, 1, 1, 1, 1), audio.repeat(2, 1, 1), sig[None].repeat(2, 1),
-                                cond.repeat(2), prep, drop_captions=drop)
-    v_video = v_video[1:] + guidance.video * (v_video[:1] - v_video[1:])
-    v_audio = v_audio[1:] + guidance.audio * (v_audio[:1] - v_audio[1:])
-    return v_video, v_audio
+    rows = guidance_rows(video, audio, sigma, cond, prep, guidance)
+    if rows.drop_captions is None:
+        return backbone(rows.video, rows.audio, rows.sigmas, rows.cond, prep)
+    return guide(*backbone(rows.video, rows.audio, rows.sigmas, rows.cond, prep, drop_captions=rows.drop_captions),
+                 guidance)
 
 
 def noisy_masks(video: torch.Tensor, spec) -> tuple[torch.Tensor, float]:
@@ -63,6 +79,11 @@ def euler_step(forward, video, audio, sigma: float, sigma_next: float, cond: Con
                prep: PreparedLayout, guidance: Guidance, video_noisy, audio_noisy):
     """One guided Euler step from `sigma` to `sigma_next`; `forward` is the backbone call."""
     v_video, v_audio = guided_velocity(forward, video, audio, sigma, cond, prep, guidance)
+    return euler_update(video, audio, v_video, v_audio, sigma, sigma_next, video_noisy, audio_noisy)
+
+
+def euler_update(video, audio, v_video, v_audio, sigma: float, sigma_next: float, video_noisy, audio_noisy):
+    """The Euler move from `sigma` to `sigma_next` along the guided velocities (clean parts stay)."""
     dt = sigma_next - sigma
     return video + dt * video_noisy * v_video, audio + dt * audio_noisy * v_audio
 

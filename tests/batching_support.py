@@ -1,0 +1,40 @@
+"""Four denoise jobs of different sizes, seeds, step counts, guidance and shot counts, their inputs
+made by LocalEngine's own stages, and the LocalEngine latents each must equal (within 1e-4) when
+denoised in a batch: shared by the scheduler test and the Backbone replica test."""
+from __future__ import annotations
+
+from omnireel.config import GenerationRequest, Shot
+from omnireel.stages import STAGE_GRAPH, run_graph, run_stage
+
+PARITY = 1e-4           # "equal to LocalEngine" (DESIGN.md §2)
+JOBS = (
+    GenerationRequest(prompt="a red ball bounces", size="32x32", seconds=0.5, fps=8, seed=1, steps=3),
+    GenerationRequest(prompt="waves at night", size="64x32", seconds=1.0, fps=8, seed=2, steps=6,
+                      guidance_video=1.0, guidance_audio=1.0, shots=[Shot(prompt="calm", seconds=0.5),
+                                                                     Shot(prompt="a storm", seconds=0.5)]),
+    GenerationRequest(prompt="a kite in the wind", size="32x48", seconds=0.5, fps=12, seed=3, steps=4,
+                      guidance_video=5.0, guidance_audio=2.0),
+    GenerationRequest(prompt="a dog, then a cat", size="48x48", seconds=1.0, fps=8, seed=4, steps=5),
+)
+LONG = GenerationRequest(prompt="a long slow pan", size="32x32", seconds=0.5, fps=8, seed=5, steps=100)
+"""A job to cancel mid-batch: far from done when the others are."""
+
+
+def denoise_inputs(engine, request: GenerationRequest) -> tuple:
+    """(plan, text, voice, media): the denoise stage's inputs for `request`, by LocalEngine's stages."""
+    def call(stage, inputs):
+        return run_stage(stage, engine.components, dict(zip(stage.inputs, inputs)))
+
+    values = run_graph(STAGE_GRAPH, {"plan": engine.plan(request)}, call, until="media")
+    return tuple(values[name] for name in next(s for s in STAGE_GRAPH if s.on_backbone).inputs)
+
+
+def expected_latents(engine, inputs: tuple):
+    """The oracle: LocalEngine's denoise stage alone on the same inputs."""
+    from omnireel.stages import denoise
+    return denoise(engine.components["backbone"], *inputs)
+
+
+def max_difference(found, expected) -> float:
+    assert found.video.shape == expected.video.shape and found.audio.shape == expected.audio.shape
+    return max((found.video - expected.video).abs().max().item(), (found.audio - expected.audio).abs().max().item())
