@@ -115,3 +115,24 @@ def placement_groups(ray_module) -> dict[str, str]:
     """The batch pipeline's placement groups in this session: name -> state."""
     return {info["name"]: info["state"] for info in ray_module.util.placement_group_table().values()
             if info["name"].startswith("omnireel-batch-")}
+
+
+def family_batch(root: Path, checkpoint, manifest_rows: list[dict]):
+    """A family's batch run over `manifest_rows` (latents saved beside each artifact): (summary, out)."""
+    from dataclasses import replace
+
+    from omnireel.pipelines.render import run_batch
+
+    manifest = write_manifest(str(root / "manifest.parquet"), manifest_rows)
+    out = str(root / "out")
+    return run_batch(manifest, out, checkpoint, replace(OPTIONS, save_latents=True)), out
+
+
+def the_rendered_row(out: str):
+    """The one results row of a batch run and its saved GeneratedLatents."""
+    from omnireel.pipelines import rows
+    from omnireel.pipelines.render import LATENTS_EXTENSION
+
+    (result,) = read_parquet(storage.join(out, "results.parquet"))
+    saved = storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION))
+    return result, rows.decode_payload("latents", saved)

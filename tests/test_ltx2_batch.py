@@ -3,37 +3,29 @@ within 1e-4, its MP4 holds H.264 and stereo AAC, and rows asking for what the fa
 land in the errors file naming the field."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from ltx2_support import ROBOT, denormalized
 
 from omnireel import media, storage
-from omnireel.pipelines import rows
-from omnireel.pipelines.render import LATENTS_EXTENSION, run_batch
 
-from batch_support import OPTIONS, read_parquet, write_manifest
+from batch_support import family_batch, read_parquet, the_rendered_row
 
 
 
 @pytest.fixture(scope="module")
 def batch_run(ray_session, ltx2_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ltx2-batch")
-    manifest = write_manifest(str(root / "manifest.parquet"), [
+    return family_batch(tmp_path_factory.mktemp("ltx2-batch"), ltx2_checkpoint, [
         dict(id="robot", **ROBOT),
         dict(id="voiced", **ROBOT, voices='[{"character": "ANNA", "voice_id": "anna"}]'),
         dict(id="wide", **{**ROBOT, "size": "48x48"}),
         dict(id="talky", **ROBOT, language="ko"),
     ])
-    out = str(root / "out")
-    return run_batch(manifest, out, ltx2_checkpoint, replace(OPTIONS, save_latents=True)), out
 
 
 def test_a_batch_row_equals_ltx2_pipeline(batch_run, ltx2_robot_reference):
     summary, out = batch_run
     assert (summary.rows, summary.rendered, summary.invalid, summary.failed) == (4, 1, 3, 0)
-    (result,) = read_parquet(storage.join(out, "results.parquet"))
-    latents = rows.decode_payload("latents", storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION)))
+    result, latents = the_rendered_row(out)
     pipe, video, audio = ltx2_robot_reference
     ours_video, ours_audio = denormalized(pipe, latents)
     assert (ours_video - video).abs().max().item() <= 1e-4 and (ours_audio - audio).abs().max().item() <= 1e-4

@@ -7,18 +7,14 @@ official openai client gets an H.264 MP4 with no audio stream, and requests for 
 across processes here; the latents are, strictly.)"""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from wan_support import ROBOT
 
 from omnireel import media, storage
 from omnireel.config import GenerationRequest
-from omnireel.pipelines import rows
-from omnireel.pipelines.render import LATENTS_EXTENSION, run_batch
 
-from batch_support import OPTIONS, read_parquet, write_manifest
+from batch_support import family_batch, read_parquet, the_rendered_row
 from serve_support import KEY, checkpoint_app, served_latents, wait_done
 
 APP = "wan"
@@ -46,23 +42,18 @@ def pipeline_latents(wan_checkpoint):
 
 @pytest.fixture(scope="module")
 def batch_run(ray_session, wan_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan-batch")
-    manifest = write_manifest(str(root / "manifest.parquet"), [
+    return family_batch(tmp_path_factory.mktemp("wan-batch"), wan_checkpoint, [
         dict(id="robot", **ROBOT),
         dict(id="voiced", **ROBOT, voices='[{"character": "ANNA", "voice_id": "anna"}]'),
         dict(id="song", **ROBOT, mode="audio"),
         dict(id="talky", **ROBOT, language="ko"),
     ])
-    out = str(root / "out")
-    return run_batch(manifest, out, wan_checkpoint, replace(OPTIONS, save_latents=True)), out
 
 
 def test_a_batch_row_equals_wan_pipeline(batch_run, pipeline_latents):
     summary, out = batch_run
     assert (summary.rows, summary.rendered, summary.invalid, summary.failed) == (4, 1, 3, 0)
-    (result,) = read_parquet(storage.join(out, "results.parquet"))
-    saved = storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION))
-    latents = rows.decode_payload("latents", saved)
+    result, latents = the_rendered_row(out)
     assert (latents.video - pipeline_latents[0]).abs().max().item() <= 1e-4
     (stream,) = media.probe(storage.read_bytes(result["uri"]))
     assert (stream["type"], stream["codec"], stream["frames"]) == ("video", "h264", 9)
