@@ -62,13 +62,16 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag(capsys, command, flags, wo
 
 
 @pytest.mark.parametrize("argv,words", [
+    (["batch", "m.parquet", "--out", "o", "--limit", "0"], "--limit: must be >= 1 (got 0)"),    # its own fields
+    (["batch", "m.parquet", "--out", "o", "--replicas", "0"], "--replicas: must be >= 1 (got 0)"),
+    (["serve", "--max-batch-jobs", "0"], "--max-batch-jobs: must be >= 1 (got 0)"),
     (["serve", "--stage-threads", "{mux: 1}"], "--stage-threads: unknown stage 'mux'"),   # the field's validator
     (["serve", "--stage-threads", "{decode_audio: [1"], "--stage-threads: not valid YAML"),
     (["serve", "--set", "stage_threads={mux: 1}"], "stage_threads: unknown stage 'mux'"),
     (["serve", "--set", "tp=0"], "tp: must be >= 1 (got 0)"),                # a --set value, named by its arg
     (["serve", "--set", "tpp=2"], "tpp: unknown; allowed: checkpoint, tp,"),
 ])
-def test_serve_args_refused_in_one_line_before_serving(capsys, argv, words):
+def test_a_drivers_own_args_refused_in_one_line(capsys, argv, words):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
