@@ -141,8 +141,21 @@ def wait_until_running(name: str = APP_NAME, timeout_s: float = 900.0) -> None:
 
 
 def parse_set(items: list[str] | None) -> dict:
-    """`--set ARG=VALUE` options (repeatable) as build_app args, each VALUE read as YAML."""
-    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items or [])}
+    """`--set ARG=VALUE` options (repeatable) as build_app args, each VALUE read as YAML; a malformed
+    one is a one-line error (cli.fail)."""
+    from omnireel.cli import fail
+    from omnireel.driver_args import yaml_value
+
+    args = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--set: expected ARG=VALUE (got {item!r})")
+        try:
+            args[key] = yaml_value(value)
+        except ValueError as e:
+            fail(f"--set {key}: {e}")
+    return args
 
 
 def serve_command(options) -> None:

@@ -70,6 +70,8 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag(capsys, command, flags, wo
     (["serve", "--set", "stage_threads={mux: 1}"], "stage_threads: unknown stage 'mux'"),
     (["serve", "--set", "tp=0"], "tp: must be >= 1 (got 0)"),                # a --set value, named by its arg
     (["serve", "--set", "tpp=2"], "tpp: unknown; allowed: checkpoint, tp,"),
+    (["serve", "--set", "tp"], "--set: expected ARG=VALUE (got 'tp')"),
+    (["serve", "--set", "stage_threads={a: [1"], "--set stage_threads: not valid YAML"),
 ])
 def test_a_drivers_own_args_refused_in_one_line(capsys, argv, words):
     with pytest.raises(SystemExit) as exit_info:

@@ -116,15 +116,23 @@ class FlagValue:
         if without_none(self.annotation) is not self.annotation and text.lower() in ("none", "null"):
             value = None
         elif typing.get_origin(without_none(self.annotation)) is dict:
-            import yaml
             try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise argparse.ArgumentTypeError(f"not valid YAML ({getattr(e, 'problem', None) or e})")
+                value = yaml_value(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
         try:
             return self.adapter.validate_python(value)
         except pydantic.ValidationError as e:
             raise argparse.ArgumentTypeError(describe(e.errors()[0], self.metadata)) from None
+
+
+def yaml_value(text: str):
+    """A value written as YAML (a dict flag, a `--set ARG=VALUE`); ValueError in one line."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def args_error(error: pydantic.ValidationError, model: type[BaseModel], flags: bool = True) -> str:
