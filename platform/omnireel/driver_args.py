@@ -66,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     for name, field in model.model_fields.items():
         flag = flag_name(name, field)
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=flag_help(field),
-                            **flag_kind(name, field, metavar=flag.lstrip("-").replace("-", "_").upper()))
+                            **flag_kind(field, metavar=flag.lstrip("-").replace("-", "_").upper()))
 
 
 def given(args: argparse.Namespace, model: type[BaseModel]) -> dict:
@@ -80,7 +80,7 @@ def flag_help(field: FieldInfo) -> str:
     return ((field.description or "") + shown).replace("%", "%%")
 
 
-def flag_kind(name: str, field: FieldInfo, metavar: str) -> dict:
+def flag_kind(field: FieldInfo, metavar: str) -> dict:
     """argparse's action, type, choices and metavar for the field's type."""
     inner = without_none(field.annotation)
     if inner is bool:
