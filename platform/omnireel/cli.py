@@ -1,6 +1,8 @@
 """`omnireel render | voices | checkpoint | batch | serve` — the command line.
 
-Bad input never prints a traceback: one line naming the field and the limit, exit code 2.
+Bad input never prints a traceback: one line naming the field and the limit, exit code 2 (argparse's
+own errors too: OneLineParser). The flags of `serve` and `batch` are made from their args models'
+fields (AppArgs, BatchOptions; omnireel/driver_args.py), so a field added there is a flag at once.
 """
 from __future__ import annotations
 
