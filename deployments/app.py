@@ -141,28 +141,44 @@ def wait_until_running(name: str = APP_NAME, timeout_s: float = 900.0) -> None:
 
 
 def parse_set(items: list[str] | None) -> dict:
-    """`--set ARG=VALUE` options (repeatable) as build_app args, each VALUE read as YAML."""
-    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items or [])}
+    """`--set ARG=VALUE` options (repeatable) as build_app args, each VALUE read as YAML; a malformed
+    one is a one-line error (cli.fail)."""
+    from omnireel.cli import fail
+    from omnireel.driver_args import yaml_value
+
+    args = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--set: expected ARG=VALUE (got {item!r})")
+        try:
+            args[key] = yaml_value(value)
+        except ValueError as e:
+            fail(f"--set {key}: {e}")
+    return args
 
 
 def serve_command(options) -> None:
     """`omnireel serve`: the Serve config YAML with the command line's overrides, on localhost."""
+    import pydantic
     import ray
     from ray import serve
 
-    args = parse_set(options.set)
-    for key in ("checkpoint", "tp", "sp", "cfg_parallel", "threads"):
-        if getattr(options, key) is not None:
-            args[key] = getattr(options, key)
-    if options.storage:
-        args["storage_uri"] = options.storage
-    if options.api_key:
-        args["api_keys"] = options.api_key
+    from omnireel.cli import fail, flag_values
+    from omnireel.driver_args import args_error
+
+    flags = flag_values(options, AppArgs).model_dump(exclude_unset=True)   # its flags are AppArgs' fields
+    args = {**parse_set(options.set), **flags}
     if options.address is None:     # one local machine: every stage shares its cores (logical CPUs)
         for key, value in LOCAL_CPUS.items():
             args.setdefault(key, value)
     host = options.host or (None if options.config else "127.0.0.1")   # the YAML's own is for clusters
-    config = configure(load_serve_config(options.config or CONFIG_PATH), args=args, host=host, port=options.port)
+    try:
+        config = configure(load_serve_config(options.config or CONFIG_PATH), args=args, host=host, port=options.port)
+    except pydantic.ValidationError as e:
+        if e.title != AppArgs.__name__:
+            raise
+        fail(args_error(e, AppArgs, flags=False))     # a --set or config file value, named by its arg
     serve_run(config, options.address)
     wait_until_running()
     http = config["http_options"]

@@ -1,50 +1,40 @@
-"""AppArgs: build_app's arguments, the `args:` of the Serve config YAML. Every replica receives the
-resolved AppArgs (a small pydantic model: unpickling it imports nothing heavy)."""
+"""AppArgs: build_app's arguments, the `args:` of the Serve config YAML and the flags of `omnireel
+serve`. The fields the batch pipeline shares (checkpoint, mesh, threads, dtype, niceness, voices) are
+DriverArgs' (omnireel/driver_args.py); the ones below are the Serve app's own. Every replica receives
+the resolved AppArgs (a small pydantic model: unpickling it imports nothing heavy)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from omnireel.driver_args import DriverArgs
 
 
-class AppArgs(BaseModel):
+class AppArgs(DriverArgs):
     """build_app's arguments: the `args:` of the Serve config YAML."""
-    model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Optional[str] = Field(None, description="checkpoint folder (default: the embedded small one)")
     model_name: Optional[str] = Field(None, description='model id in the API (default "omnireel-<preset>")')
-    tp: int = Field(1, ge=1, description="tensor-parallel degree of each Backbone replica")
-    sp: int = Field(1, ge=1, description="Ulysses sequence-parallel degree of each Backbone replica")
-    cfg_parallel: int = Field(1, ge=1, le=2, description=(
-        "2: the conditional and unconditional rows of CFG on different ranks; a Backbone replica's "
-        "ranks are cfg_parallel x sp x tp (parallel/mesh.py)"))
     use_gpu: bool = Field(False, description="ranks and GPU stages take a GPU each")
-    threads: Optional[int] = Field(None, ge=1, description="torch threads per replica and per rank")
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(None, description=(
-        "float type of the model components (None: as stored; bfloat16 on GPUs)"))
     stage_threads: dict[str, int] = Field(default_factory=dict, description=(
         "torch threads of one stage's replicas, over `threads` (e.g. {decode_audio: 1}: it runs beside "
         "the video decoder, and two decoders of `threads` each oversubscribe a small node)"))
     stage_gpus: dict[str, float] = Field(default_factory=dict, description=(
         "with use_gpu: GPUs of one stage's replicas, over the graph's default (1 for denoise and "
         "decode_video, else 0), e.g. {encode_text: 1} for LTX-2's 12B Gemma 3 text encoder"))
-    compute_niceness: Optional[int] = Field(0, ge=-20, le=19, description=(
-        "nice value of each stage replica's and rank's compute thread (Ray starts workers at 15; below "
-        "that needs CAP_SYS_NICE, else it stays at 15); None: leave it as Ray set it"))
     max_batch_jobs: int = Field(8, ge=1, description=(
         "jobs one Backbone replica denoises together at tp=1, joining and leaving the batch at step "
         "boundaries (omnireel/scheduler.py); 1 turns batching off; its max_ongoing_requests is twice this"))
     max_batch_tokens: int = Field(32768, ge=1, description=(
         "tokens (layout length x CFG rows) of one batched step; a larger job runs alone"))
     replica_cpus: float = Field(1.0, gt=0, description="CPUs of each stage replica")
-    cpus_per_rank: float = Field(1.0, gt=0, description="CPUs of each Backbone rank actor")
     control_cpus: float = Field(0.25, ge=0, description="CPUs of each ingress, job store and runner replica")
-    storage_uri: Optional[str] = Field(None, description="jobs and artifacts (default $OMNIREEL_HOME/serve)")
-    voices_uri: Optional[str] = Field(None, description="voice registry, shared with `omnireel voices` and batch "
-                                                        "(default $OMNIREEL_VOICES, else $OMNIREEL_HOME/voices)")
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    storage_uri: Optional[str] = Field(None, json_schema_extra={"flag": "--storage"},
+                                       description="jobs and artifacts (default $OMNIREEL_HOME/serve)")
+    api_keys: list[str] = Field(default_factory=list, json_schema_extra={"flag": "--api-key"},
+                                description="Bearer keys, one a flag; empty: no auth")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="largest request body (413 beyond)")
     max_upload_bytes: int = Field(16 << 20, ge=1, description="largest uploaded file (413 beyond)")
     max_upload_seconds: float = Field(20.0, gt=0, description="longest uploaded video or audio")
@@ -74,12 +64,6 @@ class AppArgs(BaseModel):
             if amount < least:
                 raise ValueError(f"{info.field_name}.{name}: must be >= {least}, got {amount}")
         return value
-
-    @property
-    def mesh(self):
-        """The Backbone group's (cfg, sp, tp) MeshShape; its `ranks` are the replica's placement group."""
-        from omnireel.parallel.mesh import MeshShape
-        return MeshShape(cfg=self.cfg_parallel, sp=self.sp, tp=self.tp)
 
     def gpus_for(self, stage) -> float:
         """GPUs of one replica of `stage` (a stages.Stage): none without use_gpu."""

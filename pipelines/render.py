@@ -53,6 +53,7 @@ from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, 
 from omnireel.voices import default_voice_prefix
 
 from . import rows, triage
+from .args import BatchOptions
 from .manifest import ManifestError
 from .rows import one_line
 from .triage import check_manifest
@@ -61,31 +62,6 @@ DRIVER = "batch"                                    # the `driver` label of stag
 LATENTS_EXTENSION = "latents.safetensors"
 STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_")
 PUSH_JOB = "omnireel_batch"
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    tp: int = 1                         # tensor-parallel degree of each denoise actor's BackboneGroup
-    sp: int = 1                         # its Ulysses sequence-parallel degree
-    cfg_parallel: int = 1               # 2: its CFG rows on different ranks (ranks = cfg_parallel x sp x tp)
-    replicas: int = 1                   # denoise actors (a fixed pool)
-    encoders: int = 1                   # encode actors
-    decoders: int = 1                   # decode actors
-    limit: int | None = None            # only the first N manifest rows
-    threads: int | None = None          # torch threads in every actor and rank (default: Ray's, its CPUs)
-    compute_niceness: int | None = 0    # nice value of each actor's and rank's compute thread (compute.py)
-    cpus_per_rank: float = 1
-    dtype: str | None = None            # float type of the model components (None: as stored)
-    save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
-    pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
-    validate_only: bool = False         # triage the manifest (errors and results files) but render nothing
-    voices: str | None = None           # voice registry URI (default: voices.default_voice_prefix(), resolved
-                                        # on the driver so that every actor reads the same registry)
-
-    @property
-    def mesh(self) -> MeshShape:
-        """Each denoise actor's (cfg, sp, tp) mesh (parallel/mesh.py); ValueError naming the flag."""
-        return MeshShape(cfg=self.cfg_parallel, sp=self.sp, tp=self.tp)
 
 
 def check_mesh_fits(checkpoint: str, config, mesh: MeshShape) -> None:
@@ -316,7 +292,7 @@ def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOpti
     ds = todo.repartition(target_num_rows_per_block=POOL_ROWS)           # streaming: splits blocks, no shuffle
     common = dict(batch_format="pyarrow", batch_size=POOL_ROWS, zero_copy_batch=True)
     for pool, size, kwargs, resources in (
-            ("encode", options.encoders, {"voices": options.voices or default_voice_prefix()},
+            ("encode", options.encoders, {"voices": options.voices_uri or default_voice_prefix()},
              pool_resources("encode", use_gpu)),
             ("denoise", options.replicas, {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank},
              denoise_resources(options, use_gpu, tag)),
@@ -426,7 +402,7 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
     returns the counts. Ray must be initialized, with workers that reach the manifest and `out`
     (`connect` hands them the driver's storage environment)."""
     options = options or BatchOptions()
-    checkpoint = str(checkpoint or default_checkpoint())
+    checkpoint = str(checkpoint or options.checkpoint or default_checkpoint())
     config, digest = read_config(checkpoint), read_digest(checkpoint)
     check_mesh_fits(checkpoint, config, options.mesh)
 
@@ -500,19 +476,11 @@ def command(args) -> None:
     """`omnireel batch` (and this module run as a script): a progress bar, then one summary line."""
     from tqdm import tqdm
 
-    from omnireel.cli import fail
+    from omnireel.cli import fail, flag_values
 
-    for name in ("tp", "sp", "cfg_parallel", "replicas", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            fail(f"--{name.replace('_', '-')}: must be >= 1 (got {value})")
-    if not -20 <= args.compute_niceness <= 19:
-        fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
-    options = BatchOptions(tp=args.tp, sp=args.sp, cfg_parallel=args.cfg_parallel, replicas=args.replicas, limit=args.limit, threads=args.threads,
-                           compute_niceness=args.compute_niceness, dtype=args.dtype, save_latents=args.save_latents,
-                           pushgateway=args.pushgateway, voices=args.voice_store, validate_only=args.validate_only)
+    options = flag_values(args, BatchOptions)
     try:
-        checkpoint = str(args.checkpoint or default_checkpoint())
+        checkpoint = str(options.checkpoint or default_checkpoint())
         config = read_config(checkpoint)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--checkpoint: {e}", code=1)
@@ -526,12 +494,12 @@ def command(args) -> None:
         fail(str(e))
     connect()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    with tqdm(desc="rendering", unit="row", disable=args.quiet or args.validate_only) as bar:
+    with tqdm(desc="rendering", unit="row", disable=args.quiet or options.validate_only) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
         summary = run_batch(args.manifest, args.out, checkpoint, options, progress)
-    if not args.quiet and args.validate_only:
+    if not args.quiet and options.validate_only:
         print(f"{summary.pending} to render, {summary.skipped} already done, {summary.invalid} invalid of "
               f"{summary.rows} rows; errors: {summary.errors_uri}")
     elif not args.quiet:

@@ -119,13 +119,11 @@ def placement_groups(ray_module) -> dict[str, str]:
 
 def family_batch(root: Path, checkpoint, manifest_rows: list[dict]):
     """A family's batch run over `manifest_rows` (latents saved beside each artifact): (summary, out)."""
-    from dataclasses import replace
-
     from omnireel.pipelines.render import run_batch
 
     manifest = write_manifest(str(root / "manifest.parquet"), manifest_rows)
     out = str(root / "out")
-    return run_batch(manifest, out, checkpoint, replace(OPTIONS, save_latents=True)), out
+    return run_batch(manifest, out, checkpoint, OPTIONS.model_copy(update={"save_latents": True})), out
 
 
 def the_rendered_row(out: str):

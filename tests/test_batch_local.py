@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -45,7 +44,7 @@ def local_run(ray_session, tiny_checkpoint, tmp_path_factory, pushgateway):
     root = tmp_path_factory.mktemp("batch")
     manifest = write_manifest(str(root / "manifest.parquet"), local_rows())
     out = str(root / "out")
-    options = replace(OPTIONS, save_latents=True, pushgateway=pushgateway)
+    options = OPTIONS.model_copy(update={"save_latents": True, "pushgateway": pushgateway})
     before = set(placement_groups(ray_session))
     summary = run_batch(manifest, out, tiny_checkpoint, options)
     created = {k: v for k, v in placement_groups(ray_session).items() if k not in before}

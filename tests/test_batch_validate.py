@@ -4,7 +4,6 @@ manifest of several files and row groups is numbered in manifest order, --limit 
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +14,7 @@ from omnireel.pipelines.render import run_batch
 from batch_support import OPTIONS, SMALL, artifacts, read_parquet, write_manifest
 
 ROWS = 2000
-VALIDATE_ONLY = replace(OPTIONS, validate_only=True)
+VALIDATE_ONLY = OPTIONS.model_copy(update={"validate_only": True})
 
 
 def generated_rows() -> list[dict]:
@@ -70,7 +69,7 @@ def test_a_folder_manifest_is_numbered_in_manifest_order(ray_session, tiny_check
         buffer = io.BytesIO()
         pq.write_table(table, buffer, row_group_size=100)
         storage.write_bytes(str(folder / name), buffer.getvalue())
-    summary = run_batch(str(folder), str(tmp_path / "out"), tiny_checkpoint, replace(VALIDATE_ONLY, limit=420))
+    summary = run_batch(str(folder), str(tmp_path / "out"), tiny_checkpoint, VALIDATE_ONLY.model_copy(update={"limit": 420}))
     errors = read_parquet(summary.errors_uri)
     assert sorted((e["row"], e["id"]) for e in errors) == [(p, f"g{p}") for p in range(420)]
     assert (summary.rows, summary.invalid, summary.pending) == (420, 420, 0)

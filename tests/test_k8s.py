@@ -155,12 +155,14 @@ def test_cluster_shape_fits_the_serve_config(name):
 def test_rayjob_entrypoint_is_a_valid_batch_command():
     import shlex
 
-    from omnireel.cli import build_parser
+    from omnireel.cli import build_parser, flag_values
+    from omnireel.pipelines.args import BatchOptions
     job = next(d for _, d in manifests() if d["kind"] == "RayJob")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "omnireel.pipelines.render"]
     args = build_parser().parse_args(["batch", *argv[3:]])
-    assert args.manifest.startswith("s3://") and args.out.startswith("s3://") and args.pushgateway
-    ranks = args.cfg_parallel * args.sp * args.tp            # one denoise actor's group, on one node
+    options = flag_values(args, BatchOptions)                # what the entrypoint's run_batch receives
+    assert args.manifest.startswith("s3://") and args.out.startswith("s3://") and options.pushgateway
+    ranks = options.mesh.ranks                               # one denoise actor's group, on one node
     assert any(gpus(g) >= ranks for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])

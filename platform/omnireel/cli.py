@@ -1,6 +1,8 @@
 """`omnireel render | voices | checkpoint | batch | serve` — the command line.
 
-Bad input never prints a traceback: one line naming the field and the limit, exit code 2.
+Bad input never prints a traceback: one line naming the field and the limit, exit code 2 (argparse's
+own errors too: OneLineParser). The flags of `serve` and `batch` are made from their args models'
+fields (AppArgs, BatchOptions; omnireel/driver_args.py), so a field added there is a flag at once.
 """
 from __future__ import annotations
 
@@ -28,6 +30,19 @@ def json_option(name: str, value: str):
         fail(f"{name}: cannot read {value[1:]} ({e.strerror})")
     except json.JSONDecodeError as e:
         fail(f"{name}: not valid JSON ({e.msg} at position {e.pos})")
+
+
+def flag_values(args, model):
+    """`model` (AppArgs, BatchOptions) of the flags given on the command line (driver_args.add_flags);
+    each flag checked its own value as argparse read it, so this refuses what a field's validator
+    checks (stage_threads' stage names), in one line naming the flag."""
+    import pydantic
+
+    from .driver_args import args_error, given
+    try:
+        return model(**given(args, model))
+    except pydantic.ValidationError as e:
+        fail(args_error(e, model))
 
 
 def voice_bindings(values: list[str]) -> list[dict]:
@@ -211,8 +226,19 @@ def bench_command(args) -> None:
         raise SystemExit(code)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`omnireel batch: error: --tp: must be >= 1 (got 0)`), exit 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message.removeprefix('argument ')}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnireel", description="Render video with native audio.")
+    from .deployments.args import AppArgs
+    from .driver_args import add_flags
+    from .pipelines.args import BatchOptions
+    parser = OneLineParser(prog="omnireel", description="Render video with native audio.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("render", help="render one prompt to an MP4 (or a PNG with --image)")
@@ -271,44 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("directory")
     c.set_defaults(func=checkpoint_command)
 
-    b = sub.add_parser("batch", help="render a Parquet manifest with Ray Data (artifacts, results.parquet, errors.parquet)")
+    b = sub.add_parser("batch", help="render a Parquet manifest with Ray Data (artifacts, results.parquet, errors.parquet)",
+                       description="Render a Parquet manifest with Ray Data. The flags after --out are "
+                                   "BatchOptions' fields (pipelines/args.py), the shared ones DriverArgs'.")
     b.add_argument("manifest", help="Parquet manifest (file or folder), a path or URI (file://, s3://, gs://)")
     b.add_argument("--out", required=True, help="output URI prefix (artifacts/, results.parquet, errors.parquet)")
-    b.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each denoising actor (default 1)")
-    b.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree of each denoising actor (default 1)")
-    b.add_argument("--cfg-parallel", type=int, default=1, choices=(1, 2),
-                   help="2: CFG's conditional and unconditional rows on different ranks (ranks = cfg x sp x tp)")
-    b.add_argument("--limit", type=int, help="only the first N manifest rows")
-    b.add_argument("--replicas", type=int, default=1, help="denoising actors, each its own TP group (default 1)")
-    b.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
-    b.add_argument("--threads", type=int, help="torch CPU threads in every actor")
-    b.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="the model's float type (default: as stored; bfloat16 on GPUs)")
-    b.add_argument("--compute-niceness", type=int, default=0, metavar="N",
-                   help="nice value of each actor's compute thread (default 0; Ray's workers run at 15, below "
-                        "it needs CAP_SYS_NICE)")
-    b.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for the run's totals")
-    b.add_argument("--save-latents", action="store_true", help="also write each row's latents (safetensors)")
-    b.add_argument("--validate-only", action="store_true",
-                   help="only validate the manifest (errors.parquet: refused and duplicate rows); render nothing")
-    b.add_argument("--voice-store", help="voice registry URI (default $OMNIREEL_VOICES or ~/.cache/omnireel/voices)")
+    add_flags(b, BatchOptions)
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=batch_command)
 
-    s = sub.add_parser("serve", help="serve the OpenAI-style Videos API with Ray Serve (deployments/serve_config.yaml)")
+    s = sub.add_parser("serve", help="serve the OpenAI-style Videos API with Ray Serve (deployments/serve_config.yaml)",
+                       description="Serve the OpenAI-style Videos API with Ray Serve. The flags after --set are "
+                                   "build_app's args (AppArgs, the Serve config's `args:`); given, they override "
+                                   "the --config file's.")
     s.add_argument("--config", help="Serve config YAML (default: the packaged deployments/serve_config.yaml)")
-    s.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
-    s.add_argument("--storage", help="URI for jobs and videos (default $OMNIREEL_HOME/serve)")
     s.add_argument("--host", help="HTTP host (default 127.0.0.1, or the --config file's)")
     s.add_argument("--port", type=int, help="HTTP port (default 8000, or the --config file's)")
-    s.add_argument("--tp", type=int, help="tensor-parallel degree of each Backbone replica")
-    s.add_argument("--sp", type=int, help="Ulysses sequence-parallel degree of each Backbone replica")
-    s.add_argument("--cfg-parallel", type=int, choices=(1, 2), help="2: CFG rows on different ranks")
-    s.add_argument("--threads", type=int, help="torch CPU threads per replica")
-    s.add_argument("--api-key", action="append", help="require this Bearer key (repeat for several)")
-    s.add_argument("--set", action="append", metavar="ARG=VALUE", help="any other build_app arg (YAML value)")
     s.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     s.add_argument("--non-blocking", action="store_true", help="return once the app is running")
+    s.add_argument("--set", action="append", metavar="ARG=VALUE", help="any build_app arg (YAML value); repeatable")
+    add_flags(s, AppArgs)
     s.set_defaults(func=serve_command)
 
     t = sub.add_parser("train", help="train the demo model on generated scenes (VAE, audio codec, backbone); resumable")

@@ -150,7 +150,7 @@ class BatchRun(threading.Thread):
         try:
             self.summary = run_batch(self.manifest, self.out, str(self.checkpoint), BatchOptions(
                 threads=2, save_latents=True, cpus_per_rank=BATCH_CPUS_PER_RANK,
-                voices=str(Path(self.out).parent / "voices")))
+                voices_uri=str(Path(self.out).parent / "voices")))
         except BaseException as exc:          # handed to the test that asks for the result
             self.error = exc
 

@@ -1,0 +1,81 @@
+"""One args model for both drivers: every DriverArgs field is a flag of `omnireel serve` and of
+`omnireel batch` (help = its description) that reaches AppArgs / BatchOptions, and a bad value is one
+line naming the flag and the limit, exit 2, before anything starts."""
+from __future__ import annotations
+
+import pytest
+
+from omnireel.cli import build_parser, flag_values, main
+from omnireel.deployments.args import AppArgs
+from omnireel.driver_args import DriverArgs, flag_name
+from omnireel.pipelines.args import BatchOptions
+
+# a value of every shared field, as typed on a command line, and as the model holds it
+SHARED = {"checkpoint": ("/models/omni", "/models/omni"), "tp": ("2", 2), "sp": ("2", 2),
+          "cfg_parallel": ("2", 2), "threads": ("3", 3), "dtype": ("bfloat16", "bfloat16"),
+          "compute_niceness": ("none", None), "cpus_per_rank": ("0.5", 0.5),
+          "voices_uri": ("s3://bucket/voices", "s3://bucket/voices")}
+DRIVERS = {"serve": ([], AppArgs), "batch": (["manifest.parquet", "--out", "s3://bucket/out"], BatchOptions)}
+
+
+def test_every_shared_field_is_a_flag_of_serve_and_batch(capsys, monkeypatch):
+    assert set(SHARED) == set(DriverArgs.model_fields)          # a new shared field needs a value here
+    monkeypatch.setenv("COLUMNS", "10000")                        # help lines unwrapped
+    for command, (leading, model) in DRIVERS.items():
+        argv = [command, *leading]
+        for name, (typed, _) in SHARED.items():
+            argv += [flag_name(name, DriverArgs.model_fields[name]), typed]
+        options = flag_values(build_parser().parse_args(argv), model)
+        assert {name: getattr(options, name) for name in SHARED} == {k: v for k, (_, v) in SHARED.items()}
+        assert options.mesh.ranks == 8
+
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        for name, field in DriverArgs.model_fields.items():
+            assert f"{flag_name(name, field)} " in shown and field.description in shown, (command, name)
+
+
+def test_a_flag_left_out_keeps_the_default():
+    args = build_parser().parse_args(["batch", "m.parquet", "--out", "o", "--tp", "2"])
+    assert flag_values(args, BatchOptions) == BatchOptions(tp=2)
+    assert flag_values(build_parser().parse_args(["serve"]), AppArgs).model_dump(exclude_unset=True) == {}
+
+
+@pytest.mark.parametrize("command", DRIVERS)
+@pytest.mark.parametrize("flags,words", [
+    (["--tp", "0"], "--tp: must be >= 1 (got 0)"),
+    (["--cfg-parallel", "3"], "--cfg-parallel: must be in 1..2 (got 3)"),
+    (["--compute-niceness", "20"], "--compute-niceness: must be in -20..19 (got 20)"),
+    (["--cpus-per-rank", "0"], "--cpus-per-rank: must be > 0 (got 0)"),
+    (["--threads", "two"], "--threads: input should be a valid integer"),
+    (["--dtype", "float8"], "--dtype: invalid choice: 'float8'"),
+    (["--tpp", "2"], "unrecognized arguments: --tpp 2"),
+])
+def test_a_bad_flag_value_is_one_line_naming_the_flag(capsys, command, flags, words):
+    leading, _ = DRIVERS[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *leading, *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omnireel") and f": error: {words}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["batch", "m.parquet", "--out", "o", "--limit", "0"], "--limit: must be >= 1 (got 0)"),    # its own fields
+    (["batch", "m.parquet", "--out", "o", "--replicas", "0"], "--replicas: must be >= 1 (got 0)"),
+    (["serve", "--max-batch-jobs", "0"], "--max-batch-jobs: must be >= 1 (got 0)"),
+    (["serve", "--stage-threads", "{mux: 1}"], "--stage-threads: unknown stage 'mux'"),   # the field's validator
+    (["serve", "--stage-threads", "{decode_audio: [1"], "--stage-threads: not valid YAML"),
+    (["serve", "--set", "stage_threads={mux: 1}"], "stage_threads: unknown stage 'mux'"),
+    (["serve", "--set", "tp=0"], "tp: must be >= 1 (got 0)"),                # a --set value, named by its arg
+    (["serve", "--set", "tpp=2"], "tpp: unknown; allowed: checkpoint, tp,"),
+    (["serve", "--set", "tp"], "--set: expected ARG=VALUE (got 'tp')"),
+    (["serve", "--set", "stage_threads={a: [1"], "--set stage_threads: not valid YAML"),
+])
+def test_a_drivers_own_args_refused_in_one_line(capsys, argv, words):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
