@@ -101,3 +101,11 @@ class AppArgs(BaseModel):
             "checkpoint": str(Path(self.checkpoint).expanduser()) if self.checkpoint else str(default_checkpoint()),
             "storage_uri": self.storage_uri or str(home / "serve"),
             "voices_uri": self.voices_uri or default_voice_prefix()})
+
+    # ---- the LLM storyboard planner: the StoryboardPlanner deployment (deployments/planner.py) ----
+    storyboard_model: Optional[str] = Field(None, description=(
+        "local model folder of the LLM storyboard planner (default $OMNIREEL_STORYBOARD_MODEL); without "
+        "one (or without vLLM) no planner deployment starts and storyboard 'llm' is refused"))
+    planner_replicas: int = Field(1, ge=1, description="StoryboardPlanner replicas (one vLLM engine each)")
+    planner_cpus: float = Field(1.0, gt=0, description="CPUs of each StoryboardPlanner replica")
+    planner_gpus: float = Field(0.0, ge=0, description="GPUs of each StoryboardPlanner replica (with use_gpu)")
