@@ -188,6 +188,14 @@ def parse_storyboard(text: str, seconds: float, max_shots: int = MAX_SHOTS, *, f
     return [shot.model_copy(update={"seconds": share}) for shot, share in zip(proposed, shares)]
 
 
+def model_positions(model: str | Path) -> int | None:
+    """The context length a model folder's config.json declares (max_position_embeddings), if any."""
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class StoryboardTask(NamedTuple):
     """What the LLM planner plans for one request: a clip of `seconds` at `fps` from `prompt`."""
     prompt: str
@@ -223,8 +231,22 @@ class LLMShotPlanner:
         from vllm.platforms import current_platform
 
         settings = {**PLANNER_ENGINE_DEFAULTS, **engine_args}
+        positions = model_positions(model)
+        if positions and "max_model_len" not in engine_args:   # a model with a shorter context keeps its own
+            settings["max_model_len"] = min(settings["max_model_len"], positions)
         with environment(vllm_cpu_thread_env() if current_platform.is_cpu() else {}):   # see VLLMTextEncoder
             self.llm = vllm.LLM(model=str(model), structured_outputs_config={"backend": "xgrammar"}, **settings)
+        self.context = self.llm.llm_engine.model_config.max_model_len    # prompt + storyboard tokens
+
+    def prompt_ids(self, instructions: str, prompt: str) -> list[int]:
+        """The token ids the model reads: its chat template over (system: instructions, user: prompt)
+        where it has one, else plain text."""
+        tokenizer = self.llm.get_tokenizer()
+        if getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.apply_chat_template(
+                [{"role": "system", "content": instructions}, {"role": "user", "content": prompt}],
+                tokenize=True, add_generation_prompt=True))
+        return tokenizer.encode(f"{instructions}\n\nVideo idea: {prompt}\n\nJSON:")
 
     def plan(self, prompt: str, seconds: float, max_shots: int = MAX_SHOTS, *, fps: int, seed: int = 0,
              max_tokens: int | None = None) -> list[Shot]:
@@ -238,27 +260,34 @@ class LLMShotPlanner:
         """Each task's storyboard, or the StoryboardError that refuses it, all in ONE engine call
         (vLLM batches them); one task's refusal never fails the others."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
         if not tasks:
             return []
         max_tokens = max_tokens or self.max_tokens
-        prompts, params, counts = [], [], []
-        chat = bool(getattr(self.llm.get_tokenizer(), "chat_template", None))
-        for task in tasks:
+        prompts, params, counts, refused = [], [], [], {}
+        for i, task in enumerate(tasks):
             count = shots_that_fit(task.seconds, task.fps, task.max_shots)
             schema = storyboard_schema(count, self.prompt_chars, self.camera_chars, min_shot_seconds(task.fps))
+            ids = self.prompt_ids(PLANNER_INSTRUCTIONS.format(shots=count, seconds=task.seconds), task.prompt)
+            if len(ids) + max_tokens > self.context:       # vLLM would fail the whole call
+                refused[i] = StoryboardError(
+                    f"storyboard: the prompt takes {len(ids)} tokens of the planner's {self.context}, which "
+                    f"leaves less than the {max_tokens} its storyboard may need; shorten the prompt or give shots")
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
             params.append(SamplingParams(
                 max_tokens=max_tokens, temperature=self.temperature, seed=task.seed,
                 structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
-            instructions = PLANNER_INSTRUCTIONS.format(shots=count, seconds=task.seconds)
-            prompts.append([{"role": "system", "content": instructions}, {"role": "user", "content": task.prompt}]
-                           if chat else f"{instructions}\n\nVideo idea: {task.prompt}\n\nJSON:")
-            counts.append(count)
-        results = (self.llm.chat(prompts, params, use_tqdm=False) if chat
-                   else self.llm.generate(prompts, params, use_tqdm=False))
+            counts.append((task, count))
+        results = iter(zip(counts, self.llm.generate(prompts, params, use_tqdm=False) if prompts else []))
         outcomes: list[list[Shot] | StoryboardError] = []
-        for task, count, result in zip(tasks, counts, results):
+        for i in range(len(tasks)):
+            if i in refused:
+                outcomes.append(refused[i])
+                continue
+            (task, count), result = next(results)
             output = result.outputs[0]
             try:
                 if output.finish_reason == "length":
