@@ -201,3 +201,20 @@ def test_an_llm_storyboard_where_it_cannot_run_is_one_line_naming_the_field(tiny
     assert row.request is None and row.field == "storyboard" and row.message.startswith(expected)
     row = check_row({"id": "b", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": "rules"}, CONFIG)
     assert row.request is not None and len(plan_request(row.request, CONFIG).shots) == 3
+
+
+def test_an_app_without_a_planner_model_starts_no_planner_and_refuses_llm_in_one_line(served):
+    """No storyboard_model (and no vLLM here): build_app starts no StoryboardPlanner, and a create
+    asking for an LLM storyboard is a 400 naming `storyboard`; no job is created."""
+    from ray import serve
+
+    from omnireel.deployments.app import APP_NAME
+    assert "StoryboardPlanner" not in serve.status().applications[APP_NAME].deployments
+    with served.http() as http:
+        before = http.get("/v1/videos", params={"limit": 100}).json()["data"]
+        response = http.post("/v1/videos", json={"prompt": STORY, "seconds": "1", "size": "32x32", "storyboard": "llm"})
+        after = http.get("/v1/videos", params={"limit": 100}).json()["data"]
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["param"], error["code"]) == ("storyboard", "storyboard_unavailable")
+    assert error["message"].startswith("storyboard: 'llm' is not available here: ") and "\n" not in error["message"]
+    assert len(after) == len(before)
