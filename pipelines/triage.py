@@ -46,6 +46,8 @@ from .manifest import ManifestError, check_columns, check_row
 READ_ROWS = 8192          # rows per block read from the manifest
 VALIDATE_ROWS = 512       # rows per validation call
 PLAN_ROWS = 64            # rows per planner-pool call (its waiting rows: one engine call)
+PLANNER_CPUS = 2          # a CPU vLLM engine: its engine core keeps one core, its worker takes the rest. Not 1,
+                          # the validate tasks' CPUs: with equal resources Ray Data fuses validate into the pool
 
 
 def arrow_filesystem(uri: str):
@@ -234,7 +236,8 @@ def triaged(manifest: str, out: str, config, digest: str, limit: int | None = No
     if plan_llm:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         ds = ds.map_batches(StoryboardPlanners, compute=ray.data.ActorPoolStrategy(size=planners),
-                            batch_size=PLAN_ROWS, batch_format="pyarrow", num_cpus=1, num_gpus=1 if use_gpu else 0,
+                            batch_size=PLAN_ROWS, batch_format="pyarrow", num_cpus=1 if use_gpu else PLANNER_CPUS,
+                            num_gpus=1 if use_gpu else 0,
                             fn_constructor_args=(storyboard_model, config, digest, out))
     # the sort puts every row of an id in one block; batch_size=None: a block is one call (as map_groups)
     return ds.sort("id").map_batches(flag_duplicates, batch_size=None, batch_format="pyarrow").materialize()

@@ -49,8 +49,8 @@ FIELDS = dict(prompt="a fox crosses a frozen lake at dawn", size="32x32", second
               shots=[{"prompt": "the fox wakes in its den", "seconds": 0.25},
                      {"prompt": "it runs across the ice", "camera": "tracking shot", "seconds": 0.25}])
 # CPUs (logical): the app 5 x 0.2 (stage replicas) + 0.2 + 0.2 (Backbone replica, its rank in it)
-# + 3 x 0.05 (control) = 1.55; the batch 1 (encode) + 0.25 (denoise) + 1 (decode) = 2.25: 3.8, within
-# ray_session's 4, so both run at once.
+# + 3 x 0.05 (control) + 0.1 (StoryboardPlanner) = 1.65; the batch 2 (the planner pool, while it
+# triages) then 1 (encode) + 0.25 (denoise) + 1 (decode) = 2.25: within ray_session's 8, so both run at once.
 SERVE_ARGS = dict(tp=1, threads=2, replica_cpus=0.2, cpus_per_rank=0.2, control_cpus=0.05)
 BATCH_ROWS = ("kite", "chase")      # batch_support's rows: one shot, two shots (three captions in all)
 TOO_LONG = "!" * 1990 + " a storm"  # ~2000 tokens: leaves the planner's 2048-token context no room to answer
@@ -382,7 +382,8 @@ def test_batch_rows_through_vllm_match_the_torch_backend(drivers, tiny_engine):
     assert refused["message"].startswith("storyboard: the prompt takes "), refused
 
     encode = drivers.watch.engines(r"MapBatches\(EncodePool\)")
-    planners = drivers.watch.engines(r"MapBatches\(StoryboardPlanners\)")
+    # the planner pool's own actors (validation not fused into them: it stays in parallel tasks)
+    planners = drivers.watch.engines(r"MapWorker\(MapBatches\(StoryboardPlanners\)\)")
     for engines in (encode, planners):
         assert sorted(e.depth for e in engines) == [1, 2], drivers.watch     # the engine core, its worker
         [worker] = [e for e in engines if e.depth == 2]
