@@ -108,4 +108,4 @@ class AppArgs(BaseModel):
         "one (or without vLLM) no planner deployment starts and storyboard 'llm' is refused"))
     planner_replicas: int = Field(1, ge=1, description="StoryboardPlanner replicas (one vLLM engine each)")
     planner_cpus: float = Field(1.0, gt=0, description="CPUs of each StoryboardPlanner replica")
-    planner_gpus: float = Field(0.0, ge=0, description="GPUs of each StoryboardPlanner replica (with use_gpu)")
+    planner_gpus: float = Field(1.0, ge=0, description="GPUs of each StoryboardPlanner replica with use_gpu (vLLM needs one)")
