@@ -2,12 +2,15 @@
 and KubeRay's serveConfigV2), the Serve config YAML beside it, and `omnireel serve`.
 
     Ingress ──create/get/list/delete──> JobStore ──run(ticket)──> JobRunner ──STAGE_GRAPH──┐
-                                           ^                                                │
-          TextEncoder, VoiceEncoder, MediaEncoder, Backbone (TP group), VideoDecoder, AudioDecoder
+       │ storyboard "llm": plan, once, before the job exists  ^                                │
+       └──> StoryboardPlanner        TextEncoder, VoiceEncoder, MediaEncoder, Backbone (TP group),
+            (only with a planner model)                       VideoDecoder, AudioDecoder
 
 Where things are set: replicas and autoscaling only in serve_config.yaml's `deployments:` section;
 per-replica resources, the Backbone's placement group bundles, queue bounds and request limits
-from AppArgs (the YAML's `args:`), applied here.
+from AppArgs (the YAML's `args:`), applied here. The StoryboardPlanner is the exception: it exists
+only where a planner model is configured, so the YAML does not list it and its replicas and
+resources come from AppArgs (storyboard_model, planner_replicas, planner_cpus, planner_gpus).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ray.serve.config import BackpressureConfig
 from omnireel.parallel.group import BackboneGroup
 from omnireel.parallel.inprocess import host_resources
 from omnireel.stages import STAGE_GRAPH
+from omnireel.storyboard import llm_unavailable, planner_model
 
 from .args import AppArgs
 from .backbone import Backbone
@@ -30,18 +34,20 @@ from .decoders import AudioDecoder, VideoDecoder
 from .encoders import MediaEncoder, TextEncoder, VoiceEncoder
 from .ingress import Ingress
 from .jobs import JobRunner, JobStore
+from .planner import StoryboardPlanner
 
 APP_NAME = "omnireel"
 CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
 STAGE_DEPLOYMENTS = {cls.name: cls for cls in (TextEncoder, VoiceEncoder, MediaEncoder, Backbone, VideoDecoder,
                                                    AudioDecoder)}   # by name: each stage's `deployment`
-DEPLOYMENTS = (Ingress, JobStore, JobRunner, *STAGE_DEPLOYMENTS.values())
+DEPLOYMENTS = (Ingress, JobStore, JobRunner, *STAGE_DEPLOYMENTS.values())   # the YAML lists these (not the planner)
 LOCAL_CPUS = {"replica_cpus": 0.2, "cpus_per_rank": 0.2, "control_cpus": 0.05}   # `omnireel serve` on one machine
 
 
 def build_app(args: dict | AppArgs):
     """The Serve application for `args` (a dict, as the YAML gives it, or AppArgs)."""
     args = AppArgs.model_validate(args if isinstance(args, dict) else args.model_dump()).resolved()
+    args = args.model_copy(update={"storyboard_model": planner_model(args.storyboard_model)})
     control = {"num_cpus": args.control_cpus}
     store = JobStore.options(ray_actor_options=control).bind(args)
     stages = {}                                   # stage name -> the bound deployment that runs it
@@ -57,7 +63,16 @@ def build_app(args: dict | AppArgs):
     overflow = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)   # a full ingress queue
     return Ingress.options(ray_actor_options=control, max_ongoing_requests=args.ingress_max_ongoing,
                            max_queued_requests=args.ingress_max_queued,
-                           backpressure_config=overflow).bind(args, store, runner, stages)
+                           backpressure_config=overflow).bind(args, store, runner, stages, bind_planner(args))
+
+
+def bind_planner(args: AppArgs):
+    """The StoryboardPlanner, where it can run (a planner model configured, vLLM installed), else None:
+    the ingress then refuses storyboard 'llm' with storyboard.llm_unavailable's reason."""
+    if llm_unavailable(args.storyboard_model):
+        return None
+    resources = {"num_cpus": args.planner_cpus, "num_gpus": args.planner_gpus if args.use_gpu else 0}
+    return StoryboardPlanner.options(num_replicas=args.planner_replicas, ray_actor_options=resources).bind(args)
 
 
 def bind_stage_deployment(deployment, stage, args: AppArgs, store):

@@ -51,6 +51,10 @@ class AppArgs(DriverArgs):
     video_ttl_s: float = Field(86400.0, gt=0, description="finished jobs and videos expire this long after")
     collect_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are collected")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of 429 and 503 answers")
+    # the LLM storyboard planner (storyboard_model: DriverArgs): the StoryboardPlanner deployment (deployments/planner.py)
+    planner_replicas: int = Field(1, ge=1, description="StoryboardPlanner replicas (one vLLM engine each)")
+    planner_cpus: float = Field(1.0, gt=0, description="CPUs of each StoryboardPlanner replica")
+    planner_gpus: float = Field(1.0, ge=0, description="GPUs of each StoryboardPlanner replica with use_gpu (vLLM needs one)")
 
     @field_validator("stage_threads", "stage_gpus")
     @classmethod

@@ -62,7 +62,7 @@ from omnireel.config import normalized, request_key
 from omnireel.families import get_family
 from omnireel.media import encode_png
 from omnireel.plan import PlanError, plan_request
-from omnireel.storyboard import StoryboardError, resolve_storyboard
+from omnireel.storyboard import StoryboardError, StoryboardTask, llm_unavailable, needs_llm_plan, validate_shots
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
 from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
@@ -261,8 +261,9 @@ VOICE_BODY = {"requestBody": {"required": True, "content": {
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args, store, runner, stages: dict):
+    def __init__(self, args, store, runner, stages: dict, planner=None):
         self.args, self.store = args, store      # runner, stages: bound here so that the app deploys them
+        self.planner = planner                   # the StoryboardPlanner's handle, None where it cannot run
         config = read_config(args.checkpoint)
         self.config, self.digest = config, read_digest(args.checkpoint)
         self.family = get_family(config.family)
@@ -517,11 +518,8 @@ class Ingress:
             raise APIError(400, f"model: unknown model {model!r}; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")
         generation, uploads = admit_request(fields, "image" if kind == "image" else "video", self.args, self.policy)
-        if generation.storyboard == "llm":        # planned once, here: the job carries the shots
-            try:
-                generation = await asyncio.to_thread(resolve_storyboard, generation)
-            except StoryboardError as exc:
-                raise APIError(400, str(exc), param="storyboard", code="storyboard_unavailable")
+        if needs_llm_plan(generation):            # planned once, here: the job carries the shots
+            generation = await self._plan_storyboard(generation)
         try:
             plan_request(generation, self.config)
         except PlanError as exc:
@@ -550,6 +548,23 @@ class Ingress:
             return record
         raise APIError(503, "uploads were collected while the job was being created; retry", code="unavailable",
                        headers={"Retry-After": str(self.args.retry_after_s)})
+
+    async def _plan_storyboard(self, generation):
+        """The request with the StoryboardPlanner's shots; 400 naming `storyboard` where it cannot plan it."""
+        if self.planner is None:
+            raise APIError(400, llm_unavailable(self.args.storyboard_model) or "storyboard: 'llm' is not available here",
+                           param="storyboard", code="storyboard_unavailable")
+        try:
+            planned = await self.planner.plan.remote(StoryboardTask.of(generation))
+        except REPLICA_LOST:
+            raise APIError(503, "the storyboard planner is not answering; retry later", code="unavailable",
+                           headers={"Retry-After": str(self.args.retry_after_s)})
+        try:
+            if "error" in planned:
+                raise StoryboardError(planned["error"])
+            return generation.model_copy(update={"shots": validate_shots(planned["shots"])})
+        except StoryboardError as exc:
+            raise APIError(400, str(exc), param="storyboard", code="storyboard_unavailable")
 
     def _idempotency_key(self, request: Request) -> str:
         """The client's Idempotency-Key (scoped to its API key), or a fresh one so that this

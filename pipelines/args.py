@@ -24,3 +24,5 @@ class BatchOptions(DriverArgs):
     pushgateway: Optional[str] = Field(None, description="host:port of a Prometheus Pushgateway for the run's totals")
     validate_only: bool = Field(False, description=(
         "only validate the manifest (errors.parquet: refused and duplicate rows); render nothing"))
+    planners: int = Field(1, ge=1, description=(
+        "storyboard planner actors (one vLLM engine each), where rows ask for an LLM storyboard"))

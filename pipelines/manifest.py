@@ -6,9 +6,9 @@ added to the request model is a manifest column with no change here. Only `id` a
 required; a null, NaN or absent value takes the request's default. Structured fields (shots,
 voices, elements, physics, ...) are either nested Arrow values (list<struct<...>>, list<string>) or
 the same as a JSON string. A manifest is untrusted input: reference URIs pass the request model's
-allow-list (DESIGN.md §4). A row asking for an LLM storyboard (`storyboard: llm`, no shots) gets its
-shots planned here, once (storyboard.resolve_storyboard), or is refused naming `storyboard` where
-the LLM planner cannot run.
+allow-list (DESIGN.md §4). A row asking for an LLM storyboard (`storyboard: llm`, no shots) is left
+for the batch's planner pool (pipelines/triage.py) when the run has one (`plan_llm`), else refused
+naming `storyboard` (plan.py says why the LLM planner cannot run).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pydantic
 from omnireel.config import GenerationRequest, request_error_message
 from omnireel.model.config import ModelConfig
 from omnireel.plan import PlanError, plan_request
-from omnireel.storyboard import StoryboardError, resolve_storyboard
+from omnireel.storyboard import needs_llm_plan
 
 REQUIRED = ("id", "prompt")
 REQUEST_COLUMNS = tuple(GenerationRequest.model_fields)
@@ -52,8 +52,10 @@ class CheckedRow:
     message: str = ""
 
 
-def check_row(row: dict, config: ModelConfig) -> CheckedRow:
-    """Validates one manifest row (column -> value, as pyarrow's to_pylist gives it)."""
+def check_row(row: dict, config: ModelConfig, plan_llm: bool = False) -> CheckedRow:
+    """Validates one manifest row (column -> value, as pyarrow's to_pylist gives it). With `plan_llm`
+    a request waiting for its LLM storyboard passes as it is (needs_llm_plan): the planner pool plans
+    it and then checks its plan."""
     values = {k: v for k, v in row.items() if not _missing(v)}
     row_id = values.pop("id", None)
     if isinstance(row_id, int) and not isinstance(row_id, bool):
@@ -70,15 +72,16 @@ def check_row(row: dict, config: ModelConfig) -> CheckedRow:
             except json.JSONDecodeError as e:
                 return CheckedRow(row_id, field=name, message=f"{name}: not valid JSON ({e.msg} at position {e.pos})")
     try:
-        request = resolve_storyboard(GenerationRequest(**values))   # an LLM storyboard: planned here, once
-        plan_request(request, config)
+        request = GenerationRequest(**values)
+        if plan_llm and needs_llm_plan(request):  # every other field checked now, with the rules' shots
+            plan_request(request.model_copy(update={"storyboard": "rules"}), config)
+        else:                                     # refuses an LLM storyboard nobody will plan, naming the field
+            plan_request(request, config)
     except pydantic.ValidationError as e:
         message = request_error_message(e)        # "<field path>: <reason>; ..."
         return CheckedRow(row_id, field=message.split(":", 1)[0], message=message)
     except PlanError as e:
         return CheckedRow(row_id, field=e.field, message=str(e))
-    except StoryboardError as e:                  # its message names the field
-        return CheckedRow(row_id, field=str(e).split(":", 1)[0], message=str(e))
     return CheckedRow(row_id, request=request)
 
 

@@ -1,6 +1,7 @@
 """The Ray Data batch pipeline: a Parquet manifest -> one artifact (MP4) + sidecar per valid row.
 
     triage.py: read (numbered) -> validate -> duplicate ids      (Ray Data tasks on blocks; materialized)
+               (-> storyboard: an actor pool, one vLLM engine each, for rows asking for an LLM storyboard)
       -> settled rows (refused, done)                            -> driver: errors / results files
       -> rows to render, one per artifact key (its other rows ride along as `members`), in one-row blocks
         -> encode pool   (actors: the stages before denoise)
@@ -50,6 +51,7 @@ from omnireel.parallel.mesh import MeshShape
 from omnireel.parallel.mesh_denoiser import check_family_mesh
 from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
+from omnireel.storyboard import llm_unavailable, planner_model
 from omnireel.voices import default_voice_prefix
 
 from . import rows, triage
@@ -407,7 +409,9 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
     check_mesh_fits(checkpoint, config, options.mesh)
 
     check_manifest(manifest)
-    triaged = triage.triaged(manifest, out, config, digest, options.limit)
+    storyboard_model = planner_model(options.storyboard_model)     # None where it cannot run: llm rows refused
+    triaged = triage.triaged(manifest, out, config, digest, options.limit,
+                             None if llm_unavailable(storyboard_model) else storyboard_model, options.planners)
     total = triaged.count()                                   # from the blocks' metadata
     counts = dict.fromkeys(("rendered", "skipped", "failed", "invalid"), 0)
     window, videos = DenoiseWindow(), 0

@@ -3,6 +3,11 @@
     ManifestSource   read tasks, one per Parquet row group, each row numbered in manifest order from
                      the footers' row counts (read on the driver: O(files + row groups), not rows)
       -> validate    tasks, VALIDATE_ROWS rows a call: manifest.check_row, the artifact key, the done check
+                     (a row waiting for its LLM storyboard leaves valid but without a key)
+      -> storyboard  only where rows may ask for one (a `storyboard` column) and a planner model is
+                     configured: an actor pool (StoryboardPlanners), one vLLM engine per actor,
+                     PLAN_ROWS rows a call; the waiting rows of a call are planned in one engine
+                     call, then keyed and checked as validate does; the other rows pass untouched
       -> first ids   sort by id, then per block: a row after the first of its id is refused
                      ("id: duplicate of row N")
     = triaged rows (BASE rows, rows.py), materialized in the object store; then read twice:
@@ -31,14 +36,18 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasource, ReadTask
 
 from omnireel import storage
-from omnireel.config import canonical_json, normalized, request_key
-from omnireel.plan import artifact_extension
+from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
+from omnireel.plan import PlanError, artifact_extension, plan_request
+from omnireel.storyboard import LLMShotPlanner, StoryboardError, StoryboardTask, needs_llm_plan, planned_shots
 
 from . import rows
 from .manifest import ManifestError, check_columns, check_row
 
 READ_ROWS = 8192          # rows per block read from the manifest
 VALIDATE_ROWS = 512       # rows per validation call
+PLAN_ROWS = 64            # rows per planner-pool call (its waiting rows: one engine call)
+PLANNER_CPUS = 2          # a CPU vLLM engine: its engine core keeps one core, its worker takes the rest. Not 1,
+                          # the validate tasks' CPUs: with equal resources Ray Data fuses validate into the pool
 
 
 def arrow_filesystem(uri: str):
@@ -110,23 +119,68 @@ def read_part(manifest: str, path: str, group: int, first: int, n: int):
 
 # ---- validation -------------------------------------------------------------------------------
 
-def validate_batch(batch: pa.Table, config, digest: str, out: str) -> pa.Table:
-    """Numbered manifest rows -> BASE rows: refused (stage "validate", field, message) or keyed, with
-    the sidecar record when the artifact is already done."""
+def validate_batch(batch: pa.Table, config, digest: str, out: str, plan_llm: bool = False) -> pa.Table:
+    """Numbered manifest rows -> BASE rows: refused (stage "validate", field, message), waiting for
+    their LLM storyboard (with `plan_llm`: valid, no key yet), or keyed, with the sidecar record
+    when the artifact is already done."""
     checked_rows = []
     for raw in batch.to_pylist():
         row = raw.pop("row")
-        checked = check_row(raw, config)
+        checked = check_row(raw, config, plan_llm)
         if checked.request is None:
             checked_rows.append({"row": row, "id": checked.id, "stage": "validate", "field": checked.field,
                                  "message": checked.message})
-            continue
-        key = request_key(checked.request, digest)
-        checked_rows.append({"row": row, "id": checked.id, "key": key,
-                             "request": canonical_json(normalized(checked.request)).decode(),
-                             "record": done_record(out, key, artifact_extension(checked.request.output,
-                                                                                 checked.request.mode))})
+        elif plan_llm and needs_llm_plan(checked.request):
+            checked_rows.append({"row": row, "id": checked.id,
+                                 "request": canonical_json(normalized(checked.request)).decode()})
+        else:
+            checked_rows.append({"row": row, "id": checked.id, **keyed(checked.request, digest, out)})
     return rows.to_table(checked_rows)
+
+
+def keyed(request: GenerationRequest, digest: str, out: str) -> dict:
+    """A valid row's key, request and done record (see done_record)."""
+    key = request_key(request, digest)
+    return {"key": key, "request": canonical_json(normalized(request)).decode(),
+            "record": done_record(out, key, artifact_extension(request.output, request.mode))}
+
+
+def waiting_for_storyboard(row: dict) -> bool:
+    """A valid row without a key: validate_batch left it for the planner pool."""
+    return not row["stage"] and not row["key"]
+
+
+class StoryboardPlanners:
+    """The planner pool's actor: ONE LLMShotPlanner (one vLLM engine, stopped with the actor). Each
+    call plans its waiting rows in one engine call and keys them; a row the planner refuses, or
+    whose planned shots the checkpoint cannot render, leaves refused (stage "storyboard", naming
+    the field); every other row passes untouched."""
+
+    def __init__(self, model: str, config, digest: str, out: str):
+        self.planner = LLMShotPlanner(model)
+        self.config, self.digest, self.out = config, digest, out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        checked = rows.from_table(batch)
+        waiting = [row for row in checked if waiting_for_storyboard(row)]
+        requests = [GenerationRequest.model_validate_json(row["request"]) for row in waiting]
+        outcomes = self.planner.plan_many([StoryboardTask.of(request) for request in requests])
+        for row, request, outcome in zip(waiting, requests, outcomes):
+            try:
+                planned = request.model_copy(update={"shots": planned_shots(outcome)})
+                plan_request(planned, self.config)
+            except StoryboardError as e:                 # its message names `storyboard`
+                row.update(stage="storyboard", field="storyboard", message=str(e))
+            except PlanError as e:
+                row.update(stage="storyboard", field=e.field, message=str(e))
+            else:
+                row.update(keyed(planned, self.digest, self.out))
+        return rows.to_table(checked)
+
+    def __del__(self):
+        planner = getattr(self, "planner", None)
+        if planner is not None:
+            planner.close()
 
 
 def done_record(out: str, key: str, extension: str) -> str:
@@ -165,8 +219,10 @@ def lead(block: pa.Table) -> pa.Table:
 
 # ---- the datasets -----------------------------------------------------------------------------
 
-def triaged(manifest: str, out: str, config, digest: str, limit: int | None = None) -> ray.data.Dataset:
-    """Every manifest row (after --limit) validated, duplicate ids refused; materialized (object store)."""
+def triaged(manifest: str, out: str, config, digest: str, limit: int | None = None,
+            storyboard_model: str | None = None, planners: int = 1) -> ray.data.Dataset:
+    """Every manifest row (after --limit) validated, LLM storyboards planned by `planners` actors on
+    `storyboard_model` (None: such rows are refused), duplicate ids refused; materialized (object store)."""
     ds = ray.data.read_datasource(ManifestSource(manifest, limit))
     context = ds.context                         # the datasets derived from this one share it
     context.enable_progress_bars = False
@@ -174,8 +230,15 @@ def triaged(manifest: str, out: str, config, digest: str, limit: int | None = No
     # Ray Data's issue detectors call ray_remote_args_fn outside actor creation (at start and every
     # 30 s); each call would make a placement group no denoise actor uses, holding tp CPUs or GPUs.
     context.issue_detectors_config.detectors = []
+    plan_llm = storyboard_model is not None and "storyboard" in manifest_dataset(manifest).schema.names
     ds = ds.map_batches(validate_batch, batch_size=VALIDATE_ROWS, batch_format="pyarrow",
-                        fn_args=(config, digest, out))
+                        fn_args=(config, digest, out, plan_llm))
+    if plan_llm:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        ds = ds.map_batches(StoryboardPlanners, compute=ray.data.ActorPoolStrategy(size=planners),
+                            batch_size=PLAN_ROWS, batch_format="pyarrow", num_cpus=1 if use_gpu else PLANNER_CPUS,
+                            num_gpus=1 if use_gpu else 0,
+                            fn_constructor_args=(storyboard_model, config, digest, out))
     # the sort puts every row of an id in one block; batch_size=None: a block is one call (as map_groups)
     return ds.sort("id").map_batches(flag_duplicates, batch_size=None, batch_format="pyarrow").materialize()
 

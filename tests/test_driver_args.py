@@ -14,7 +14,8 @@ from omnireel.pipelines.args import BatchOptions
 SHARED = {"checkpoint": ("/models/omni", "/models/omni"), "tp": ("2", 2), "sp": ("2", 2),
           "cfg_parallel": ("2", 2), "threads": ("3", 3), "dtype": ("bfloat16", "bfloat16"),
           "compute_niceness": ("none", None), "cpus_per_rank": ("0.5", 0.5),
-          "voices_uri": ("s3://bucket/voices", "s3://bucket/voices")}
+          "voices_uri": ("s3://bucket/voices", "s3://bucket/voices"),
+          "storyboard_model": ("/models/planner", "/models/planner")}
 DRIVERS = {"serve": ([], AppArgs), "batch": (["manifest.parquet", "--out", "s3://bucket/out"], BatchOptions)}
 
 

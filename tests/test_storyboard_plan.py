@@ -201,3 +201,43 @@ def test_an_llm_storyboard_where_it_cannot_run_is_one_line_naming_the_field(tiny
     assert row.request is None and row.field == "storyboard" and row.message.startswith(expected)
     row = check_row({"id": "b", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": "rules"}, CONFIG)
     assert row.request is not None and len(plan_request(row.request, CONFIG).shots) == 3
+
+
+def test_an_app_without_a_planner_model_starts_no_planner_and_refuses_llm_in_one_line(served):
+    """No storyboard_model (and no vLLM here): build_app starts no StoryboardPlanner, and a create
+    asking for an LLM storyboard is a 400 naming `storyboard`; no job is created."""
+    from ray import serve
+
+    from omnireel.deployments.app import APP_NAME
+    assert "StoryboardPlanner" not in serve.status().applications[APP_NAME].deployments
+    with served.http() as http:
+        before = http.get("/v1/videos", params={"limit": 100}).json()["data"]
+        response = http.post("/v1/videos", json={"prompt": STORY, "seconds": "1", "size": "32x32", "storyboard": "llm"})
+        after = http.get("/v1/videos", params={"limit": 100}).json()["data"]
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["param"], error["code"]) == ("storyboard", "storyboard_unavailable")
+    assert error["message"].startswith("storyboard: 'llm' is not available here: ") and "\n" not in error["message"]
+    assert len(after) == len(before)
+
+
+def test_batch_validation_leaves_llm_rows_for_the_planner_pool_and_checks_their_other_fields(tmp_path):
+    """With a planner pool in the run (plan_llm), validation plans nothing: an LLM row leaves valid and
+    without a key (the pool plans and keys it), a bad field of an LLM row is refused at once, and
+    every other row is keyed as before."""
+    import pyarrow as pa
+
+    from omnireel.pipelines import rows
+    from omnireel.pipelines.triage import validate_batch, waiting_for_storyboard
+    manifest = pa.Table.from_pylist([
+        {"id": "llm", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": "llm", "size": "32x32", "row": 0},
+        {"id": "narrow", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": "llm", "size": "30x32", "row": 1},
+        {"id": "rules", "prompt": STORY, "seconds": 1.5, "fps": 8, "storyboard": None, "size": "32x32", "row": 2}])
+    for plan_llm in (True, False):
+        checked = {r["id"]: r for r in rows.from_table(validate_batch(manifest, CONFIG, "0" * 64, str(tmp_path), plan_llm))}
+        assert (checked["narrow"]["stage"], checked["narrow"]["field"]) == ("validate", "size")
+        assert checked["rules"]["key"] and not checked["rules"]["stage"]
+        if plan_llm:
+            assert waiting_for_storyboard(checked["llm"]) and json.loads(checked["llm"]["request"])["storyboard"] == "llm"
+        else:                                       # no pool: refused, naming the field
+            assert (checked["llm"]["stage"], checked["llm"]["field"]) == ("validate", "storyboard")
+    assert [waiting_for_storyboard(r) for r in checked.values()] == [False, False, False]

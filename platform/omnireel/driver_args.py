@@ -44,6 +44,9 @@ class DriverArgs(BaseModel):
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs of each backbone rank")
     voices_uri: Optional[str] = Field(None, json_schema_extra={"flag": "--voice-store"}, description=(
         "voice registry, shared with `omnireel voices` (default $OMNIREEL_VOICES, else $OMNIREEL_HOME/voices)"))
+    storyboard_model: Optional[str] = Field(None, description=(
+        "local model folder of the LLM storyboard planner (default $OMNIREEL_STORYBOARD_MODEL); without "
+        "one (or without vLLM) nothing plans and storyboard 'llm' is refused"))
 
     @property
     def mesh(self):

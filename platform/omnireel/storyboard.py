@@ -7,10 +7,12 @@ every shot keeps latent frames of its own when plan.py puts the cuts on latent-f
 A request chooses its planner with `storyboard` ("rules", the default, or "llm"); it applies when the
 request has no explicit `shots` (and makes video). plan.py runs the rules planner itself (it is
 cheap and deterministic, so every stage of every driver plans the same shots). An LLM storyboard is
-planned ONCE, at admission (`resolve_storyboard`: the CLI before rendering, the Serve ingress before
-accepting the job, the batch manifest check before rendering a row), and the request carries its
-shots from then on. Where the LLM planner cannot run (vLLM missing, no planner model in
-$OMNIREEL_STORYBOARD_MODEL) such a request is refused with one line naming `storyboard`.
+planned ONCE, at admission, and the request carries its shots from then on. The planner is a stage
+with its own component, one vLLM engine per process that holds one: the Serve app's
+StoryboardPlanner deployment (deployments/planner.py, asked by the ingress), the batch's planner
+actor pool (pipelines/triage.py), and in the CLI its own process (`resolve_storyboard`). Where the
+LLM planner cannot run (vLLM missing, no planner model configured) such a request is refused with
+one line naming `storyboard`.
 
     plan_shots_rules   the default: splits the prompt at sentence ends, ";" and "then" cues and
                        gives each piece seconds in proportion to its length;
@@ -20,20 +22,18 @@ $OMNIREEL_STORYBOARD_MODEL) such a request is refused with one line naming `stor
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
-import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import pydantic
 from pydantic import BaseModel, Field
 
 from .config import MAX_CAMERA_CHARS, MAX_PROMPT_CHARS, MAX_SECONDS, GenerationRequest, Shot, request_error_message
 from .model.config import MAX_SHOTS
-from .model.text import vllm_installed
+from .model.text import environment, vllm_cpu_thread_env, vllm_installed
 
 FRAMES_PER_LATENT = 4
 """Video frames per latent frame (the video VAE's time factor)."""
@@ -188,6 +188,27 @@ def parse_storyboard(text: str, seconds: float, max_shots: int = MAX_SHOTS, *, f
     return [shot.model_copy(update={"seconds": share}) for shot, share in zip(proposed, shares)]
 
 
+def model_positions(model: str | Path) -> int | None:
+    """The context length a model folder's config.json declares (max_position_embeddings), if any."""
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class StoryboardTask(NamedTuple):
+    """What the LLM planner plans for one request: a clip of `seconds` at `fps` from `prompt`."""
+    prompt: str
+    seconds: float
+    fps: int
+    seed: int = 0
+    max_shots: int = MAX_SHOTS
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> "StoryboardTask":
+        return cls(request.prompt, request.seconds, request.fps, request.seed)
+
+
 class LLMShotPlanner:
     """Storyboards written by an LLM served by vLLM, with JSON-schema-constrained output.
 
@@ -207,35 +228,81 @@ class LLMShotPlanner:
         self.camera_chars = min(camera_chars, MAX_CAMERA_CHARS)
         self.max_tokens = max_tokens
         self.temperature = temperature
+        from vllm.platforms import current_platform
+
         settings = {**PLANNER_ENGINE_DEFAULTS, **engine_args}
-        self.llm = vllm.LLM(model=str(model), structured_outputs_config={"backend": "xgrammar"}, **settings)
+        positions = model_positions(model)
+        if positions and "max_model_len" not in engine_args:   # a model with a shorter context keeps its own
+            settings["max_model_len"] = min(settings["max_model_len"], positions)
+        with environment(vllm_cpu_thread_env() if current_platform.is_cpu() else {}):   # see VLLMTextEncoder
+            self.llm = vllm.LLM(model=str(model), structured_outputs_config={"backend": "xgrammar"}, **settings)
+        self.context = self.llm.llm_engine.model_config.max_model_len    # prompt + storyboard tokens
+
+    def prompt_ids(self, instructions: str, prompt: str) -> list[int]:
+        """The token ids the model reads: its chat template over (system: instructions, user: prompt)
+        where it has one, else plain text."""
+        tokenizer = self.llm.get_tokenizer()
+        if getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.apply_chat_template(
+                [{"role": "system", "content": instructions}, {"role": "user", "content": prompt}],
+                tokenize=True, add_generation_prompt=True))
+        return tokenizer.encode(f"{instructions}\n\nVideo idea: {prompt}\n\nJSON:")
 
     def plan(self, prompt: str, seconds: float, max_shots: int = MAX_SHOTS, *, fps: int, seed: int = 0,
              max_tokens: int | None = None) -> list[Shot]:
         """The storyboard of `prompt` for a clip of `seconds` at `fps` (`max_tokens`: this call's cap)."""
+        [outcome] = self.plan_many([StoryboardTask(prompt, seconds, fps, seed, max_shots)], max_tokens=max_tokens)
+        if isinstance(outcome, StoryboardError):
+            raise outcome
+        return outcome
+
+    def plan_many(self, tasks: list["StoryboardTask"], max_tokens: int | None = None) -> list[list[Shot] | StoryboardError]:
+        """Each task's storyboard, or the StoryboardError that refuses it, all in ONE engine call
+        (vLLM batches them); one task's refusal never fails the others."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
-        count = shots_that_fit(seconds, fps, max_shots)
-        schema = storyboard_schema(count, self.prompt_chars, self.camera_chars, min_shot_seconds(fps))
+        if not tasks:
+            return []
         max_tokens = max_tokens or self.max_tokens
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, seed=seed,
-            structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
-        instructions = PLANNER_INSTRUCTIONS.format(shots=count, seconds=seconds)
-        if getattr(self.llm.get_tokenizer(), "chat_template", None):
-            messages = [{"role": "system", "content": instructions}, {"role": "user", "content": prompt}]
-            output = self.llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
-        else:
-            output = self.llm.generate([f"{instructions}\n\nVideo idea: {prompt}\n\nJSON:"], params,
-                                       use_tqdm=False)[0].outputs[0]
-        if output.finish_reason == "length":
-            raise StoryboardError(f"storyboard: the LLM's JSON was cut at max_tokens={max_tokens}")
-        return parse_storyboard(output.text, seconds, count, fps=fps)
+        prompts, params, counts, refused = [], [], [], {}
+        for i, task in enumerate(tasks):
+            count = shots_that_fit(task.seconds, task.fps, task.max_shots)
+            schema = storyboard_schema(count, self.prompt_chars, self.camera_chars, min_shot_seconds(task.fps))
+            ids = self.prompt_ids(PLANNER_INSTRUCTIONS.format(shots=count, seconds=task.seconds), task.prompt)
+            if len(ids) + max_tokens > self.context:       # vLLM would fail the whole call
+                refused[i] = StoryboardError(
+                    f"storyboard: the prompt takes {len(ids)} tokens of the planner's {self.context}, which "
+                    f"leaves less than the {max_tokens} its storyboard may need; shorten the prompt or give shots")
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, seed=task.seed,
+                structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
+            counts.append((task, count))
+        results = iter(zip(counts, self.llm.generate(prompts, params, use_tqdm=False) if prompts else []))
+        outcomes: list[list[Shot] | StoryboardError] = []
+        for i in range(len(tasks)):
+            if i in refused:
+                outcomes.append(refused[i])
+                continue
+            (task, count), result = next(results)
+            output = result.outputs[0]
+            try:
+                if output.finish_reason == "length":
+                    raise StoryboardError(f"storyboard: the LLM's JSON was cut at max_tokens={max_tokens}")
+                outcomes.append(parse_storyboard(output.text, task.seconds, count, fps=task.fps))
+            except StoryboardError as e:
+                outcomes.append(e)
+        return outcomes
 
     def close(self) -> None:
-        """Stops vLLM's engine core (its subprocess and the memory it holds)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stops vLLM's engine core (its subprocess and the memory it holds). Idempotent: a replica's
+        or pool actor's teardown may call it again."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
 
 # ---- the request's `storyboard` field ----------------------------------------------------------
@@ -249,47 +316,59 @@ def plans_shots(request: GenerationRequest) -> bool:
     return not request.shots and request.output == "video" and request.mode == "video"
 
 
-def llm_unavailable() -> str | None:
-    """Why the LLM storyboard planner cannot run in this process (one line naming the field), or None."""
+def planner_model(configured: str | None = None) -> str | None:
+    """The LLM planner's model folder: `configured` (an app's or batch's setting), else
+    $OMNIREEL_STORYBOARD_MODEL, else None."""
+    model = (configured or os.environ.get(STORYBOARD_MODEL_ENV, "")).strip()
+    return str(Path(model).expanduser()) if model else None
+
+
+def llm_unavailable(model: str | None = None) -> str | None:
+    """Why the LLM storyboard planner cannot run on `model` (default: planner_model()), one line
+    naming the field, or None."""
     if not vllm_installed():
         return f"storyboard: 'llm' is not available here: {VLLM_MISSING}; use 'rules' or give shots"
-    model = os.environ.get(STORYBOARD_MODEL_ENV, "").strip()
+    model = planner_model(model)
     if not model:
         return (f"storyboard: 'llm' is not available here: no planner model is configured (set "
                 f"{STORYBOARD_MODEL_ENV} to a local model folder); use 'rules' or give shots")
-    if not Path(model).expanduser().is_dir():
-        return f"storyboard: 'llm' is not available here: {STORYBOARD_MODEL_ENV}={model} is not a folder"
+    if not Path(model).is_dir():
+        return f"storyboard: 'llm' is not available here: the planner model {model} is not a folder"
     return None
 
 
-_planner_lock = threading.Lock()
+def needs_llm_plan(request: GenerationRequest) -> bool:
+    """Whether the request waits for the LLM planner: storyboard 'llm' and shots to plan."""
+    return request.storyboard == "llm" and plans_shots(request)
 
 
-@functools.lru_cache(maxsize=1)
-def _shared_planner(model: str) -> LLMShotPlanner:
-    return LLMShotPlanner(Path(model).expanduser())
-
-
-def shared_planner() -> LLMShotPlanner:
-    """This process's LLM planner on $OMNIREEL_STORYBOARD_MODEL, built on first use; StoryboardError
-    (one line naming `storyboard`) where it cannot run."""
-    reason = llm_unavailable()
-    if reason:
-        raise StoryboardError(reason)
-    with _planner_lock:
-        return _shared_planner(os.environ[STORYBOARD_MODEL_ENV].strip())
+def planned_shots(outcome: list[Shot] | StoryboardError) -> list[Shot]:
+    """One outcome of `LLMShotPlanner.plan_many`: its shots, or its StoryboardError raised with a
+    message naming `storyboard`."""
+    if isinstance(outcome, StoryboardError):
+        message = str(outcome)
+        raise StoryboardError(message if message.startswith("storyboard") else f"storyboard: {message}")
+    return outcome
 
 
 def resolve_storyboard(request: GenerationRequest, planner: LLMShotPlanner | None = None) -> GenerationRequest:
-    """The request with its LLM storyboard planned into explicit `shots` (what a driver does once, at
-    admission); any other request unchanged. StoryboardError (one line naming `storyboard`) where
-    the LLM planner cannot run or its storyboard does not fit the request."""
-    if request.storyboard != "llm" or not plans_shots(request):
+    """The request with its LLM storyboard planned into explicit `shots` (the CLI's way, once, before
+    rendering: one process, one engine, built here on $OMNIREEL_STORYBOARD_MODEL and stopped after
+    when no `planner` is given); any other request unchanged. StoryboardError (one line naming
+    `storyboard`) where the LLM planner cannot run or its storyboard does not fit the request."""
+    if not needs_llm_plan(request):
         return request
-    planner = planner or shared_planner()
+    own = planner is None
+    if own:
+        reason = llm_unavailable()
+        if reason:
+            raise StoryboardError(reason)
+        planner = LLMShotPlanner(planner_model())
     try:
-        shots = planner.plan(request.prompt, request.seconds, fps=request.fps, seed=request.seed)
+        outcome = planner.plan(request.prompt, request.seconds, fps=request.fps, seed=request.seed)
     except StoryboardError as e:
-        message = str(e)
-        raise StoryboardError(message if message.startswith("storyboard") else f"storyboard: {message}") from None
-    return request.model_copy(update={"shots": shots})
+        outcome = e
+    finally:
+        if own:
+            planner.close()
+    return request.model_copy(update={"shots": planned_shots(outcome)})

@@ -61,3 +61,13 @@ def vllm_engine(vllm_checkpoint):
 def vllm_encoder(vllm_engine):
     """The vLLM text encoder that the checkpoint's config chose."""
     return vllm_engine.components["text_encoder"]
+
+
+@pytest.fixture(scope="session")
+def planner_model(tmp_path_factory):
+    """A real model folder for the LLM storyboard planner: the tiny decoder with random weights
+    (vllm_support.write_tiny_decoder) and a 2048-token context, so that a prompt of ~2000 tokens
+    leaves no room for the planner's 1024-token storyboard and is refused."""
+    from vllm_support import write_tiny_decoder
+    return write_tiny_decoder(tmp_path_factory.mktemp("planner") / "tiny-decoder", weights=True,
+                              max_position_embeddings=2048)

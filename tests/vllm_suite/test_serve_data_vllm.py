@@ -7,7 +7,12 @@ checkpoint whose config.json says `text.backend = "vllm"` (same weights as `tiny
   no engine process behind;
 - the Ray Data batch pipeline, run while the app starts: its encode actor runs vLLM the same way,
   each row's latents and MP4 match LocalEngine on the torch backend, and no engine process outlives
-  the run.
+  the run;
+- the LLM storyboard planner as a stage of its own in both (on `planner_model`, a tiny real decoder
+  folder): a create asking for `storyboard: "llm"` is planned once by the StoryboardPlanner replica
+  (its engine under that replica, none under the ingress) and the job carries the shots; a batch
+  row asking for one is planned by the planner pool's actor, and a row the planner refuses is an
+  errors row naming `storyboard`.
 
 Two vLLM engines on one node at once is the case the thread rule is for: pinned ("auto"), both
 workers would share the same cores. The Ray workers run this interpreter (the .venv-vllm one):
@@ -44,10 +49,15 @@ FIELDS = dict(prompt="a fox crosses a frozen lake at dawn", size="32x32", second
               shots=[{"prompt": "the fox wakes in its den", "seconds": 0.25},
                      {"prompt": "it runs across the ice", "camera": "tracking shot", "seconds": 0.25}])
 # CPUs (logical): the app 5 x 0.2 (stage replicas) + 0.2 + 0.2 (Backbone replica, its rank in it)
-# + 3 x 0.05 (control) = 1.55; the batch 1 (encode) + 0.25 (denoise) + 1 (decode) = 2.25: 3.8, within
-# ray_session's 4, so both run at once.
+# + 3 x 0.05 (control) + 0.1 (StoryboardPlanner) = 1.65; the batch 2 (the planner pool, while it
+# triages) then 1 (encode) + 0.25 (denoise) + 1 (decode) = 2.25: within ray_session's 8, so both run at once.
 SERVE_ARGS = dict(tp=1, threads=2, replica_cpus=0.2, cpus_per_rank=0.2, control_cpus=0.05)
 BATCH_ROWS = ("kite", "chase")      # batch_support's rows: one shot, two shots (three captions in all)
+TOO_LONG = "!" * 1990 + " a storm"  # ~2000 tokens: leaves the planner's 2048-token context no room to answer
+LLM_FIELDS = dict(prompt="a kite climbs over the dunes then falls into the sea", size="32x32", seconds=0.5,
+                  fps=16, steps=2, seed=5, storyboard="llm")    # room for two shots
+LLM_ROWS = [dict(id="dunes", **LLM_FIELDS), dict(id="storm", **{**LLM_FIELDS, "prompt": TOO_LONG})]
+PLANNER_CPUS = 0.1
 BATCH_CPUS_PER_RANK = 0.25
 PSNR_DB = 40.0                      # decoded frames vs LocalEngine's, as tests/test_serve_app.py asks
 ENGINE_EXIT_S = 60.0                # slack for engine processes to exit after their host is torn down
@@ -138,11 +148,11 @@ class EngineWatch(threading.Thread):
 class BatchRun(threading.Thread):
     """run_batch in a thread: the batch pipeline runs while the Serve app starts and is tested."""
 
-    def __init__(self, checkpoint: Path, root: Path):
+    def __init__(self, checkpoint: Path, root: Path, planner_model: Path):
         super().__init__(daemon=True)
-        self.checkpoint, self.out = checkpoint, str(root / "out")
+        self.checkpoint, self.out, self.planner_model = checkpoint, str(root / "out"), str(planner_model)
         self.manifest = write_manifest(str(root / "manifest.parquet"),
-                                       [row for row in manifest_rows() if row["id"] in BATCH_ROWS])
+                                       [row for row in manifest_rows() if row["id"] in BATCH_ROWS] + LLM_ROWS)
         self.summary, self.error = None, None
 
     def run(self) -> None:
@@ -150,7 +160,7 @@ class BatchRun(threading.Thread):
         try:
             self.summary = run_batch(self.manifest, self.out, str(self.checkpoint), BatchOptions(
                 threads=2, save_latents=True, cpus_per_rank=BATCH_CPUS_PER_RANK,
-                voices_uri=str(Path(self.out).parent / "voices")))
+                voices_uri=str(Path(self.out).parent / "voices"), storyboard_model=self.planner_model))
         except BaseException as exc:          # handed to the test that asks for the result
             self.error = exc
 
@@ -170,7 +180,7 @@ class Drivers:
 
 
 @pytest.fixture(scope="module")
-def drivers(ray_session, vllm_checkpoint, tmp_path_factory):
+def drivers(ray_session, vllm_checkpoint, planner_model, tmp_path_factory):
     """The batch run (in a thread) and the Serve app, started together on the vllm-backend checkpoint."""
     from ray import serve
 
@@ -180,12 +190,12 @@ def drivers(ray_session, vllm_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-drivers")
     watch = EngineWatch()
     watch.start()
-    batch = BatchRun(vllm_checkpoint, root / "batch")
+    batch = BatchRun(vllm_checkpoint, root / "batch", planner_model)
     port = free_port()
     one_each = {d.name: {"num_replicas": 1, "autoscaling_config": None} for d in DEPLOYMENTS}
     config = configure(load_serve_config(), deployments=one_each, host="127.0.0.1", port=port, args={
         **SERVE_ARGS, "checkpoint": str(vllm_checkpoint), "storage_uri": str(root / "store"),
-        "voices_uri": str(root / "voices")})
+        "voices_uri": str(root / "voices"), "storyboard_model": str(planner_model), "planner_cpus": PLANNER_CPUS})
     try:
         # Serve's controller and proxy first: serve_run gives the proxy 60 s to start, which the batch's
         # worker processes, all starting at once on 2 cores, could take from it. The replicas and the
@@ -257,23 +267,27 @@ def depths(placed: Placed) -> list[int]:
     return sorted(depth for depth, _ in placed)
 
 
+VLLM_REPLICAS = ["StoryboardPlanner", "TextEncoder"]   # the deployments that hold a vLLM engine
+
+
 def settled_replica_engines(timeout_s: float = 120.0) -> dict[str, Placed]:
-    """replica_engines() once the TextEncoder's engine core and its worker are both there, or after
-    `timeout_s` (a look taken just as the app turns RUNNING could race the processes' last steps)."""
+    """replica_engines() once the engine core and its worker of each of VLLM_REPLICAS are there, or
+    after `timeout_s` (a look taken just as the app turns RUNNING could race the processes' last steps)."""
     deadline = time.monotonic() + timeout_s
     while True:
         engines = replica_engines()
-        if len(engines.get("TextEncoder", [])) >= 2 or time.monotonic() > deadline:
+        if all(len(engines.get(name, [])) >= 2 for name in VLLM_REPLICAS) or time.monotonic() > deadline:
             return engines
         time.sleep(1.0)
 
 
 def test_text_encoder_replica_runs_vllm_with_unpinned_threads(drivers):
     engines = settled_replica_engines()
-    assert list(engines) == ["TextEncoder"], describe(engines)    # only the text encoder runs vLLM
-    assert depths(engines["TextEncoder"]) == [1, 2], describe(engines)   # its engine core, the core's worker
-    [worker] = [process for depth, process in engines["TextEncoder"] if depth == 2]
-    assert thread_cpus(worker) == unpinned()
+    assert sorted(engines) == VLLM_REPLICAS, describe(engines)   # only the text encoder and the planner run vLLM
+    for name in VLLM_REPLICAS:
+        assert depths(engines[name]) == [1, 2], describe(engines)    # its engine core, the core's worker
+        [worker] = [process for depth, process in engines[name] if depth == 2]
+        assert thread_cpus(worker) == unpinned(), name
 
 
 def test_served_job_and_latents_match_the_torch_backend(drivers, tiny_engine):
@@ -308,12 +322,47 @@ def test_served_job_and_latents_match_the_torch_backend(drivers, tiny_engine):
     assert psnr(media.decode_video(mp4), media.decode_video(local.artifact.data)) >= PSNR_DB
 
 
+def test_served_llm_storyboard_is_planned_once_by_the_planner_deployment(drivers):
+    from ray import serve
+
+    from omnireel.deployments.app import APP_NAME
+    from omnireel.storyboard import StoryboardTask, validate_shots
+
+    planner = serve.get_deployment_handle("StoryboardPlanner", APP_NAME)
+    assert planner.stats.remote().result(timeout_s=60) == {"requests": 0, "batches": 0}
+    with httpx.Client(base_url=drivers.url, timeout=120) as http:
+        response = http.post("/v1/videos", json={**LLM_FIELDS, "seconds": str(LLM_FIELDS["seconds"])})
+        assert response.status_code == 200, response.text
+        video_id = response.json()["id"]
+        refused = http.post("/v1/videos", json={**LLM_FIELDS, "prompt": TOO_LONG, "seconds": "0.5"})
+        deadline = time.monotonic() + 240
+        while (job := http.get(f"/v1/videos/{video_id}").json())["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, f"job not done in 240 s: {job}"
+            time.sleep(0.1)
+    assert job["status"] == "completed", job
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and (error["param"], error["code"]) == ("storyboard", "storyboard_unavailable")
+    assert error["message"].startswith("storyboard: the prompt takes ") and "\n" not in error["message"]
+    # two creates, two plans (the refused one included), none by any stage: each planned once, at admission
+    assert planner.stats.remote().result(timeout_s=60)["requests"] == 2
+
+    store = serve.get_deployment_handle("JobStore", APP_NAME)
+    record = store.get.remote(video_id).result(timeout_s=60)
+    shots = record.request["shots"]
+    assert 1 <= len(shots) <= 2 and abs(sum(shot["seconds"] for shot in shots) - 0.5) < 1e-9
+    request = GenerationRequest(**LLM_FIELDS)
+    again = planner.plan.remote(StoryboardTask.of(request)).result(timeout_s=120)   # greedy: the same storyboard
+    assert normalized(request.model_copy(update={"shots": validate_shots(again["shots"])}))["shots"] == shots
+    assert not drivers.watch.engines(r"ServeReplica:omnireel:Ingress"), drivers.watch   # the ingress never built one
+
+
 def test_serve_shutdown_stops_the_engine(drivers):
     from ray import serve
 
     engines = settled_replica_engines()
-    assert depths(engines.get("TextEncoder", [])) == [1, 2], describe(engines)
-    engines = [process for _, process in engines["TextEncoder"]]
+    for name in VLLM_REPLICAS:
+        assert depths(engines.get(name, [])) == [1, 2], describe(engines)
+    engines = [process for name in VLLM_REPLICAS for _, process in engines[name]]
     serve.shutdown()
     gone, alive = psutil.wait_procs(engines, timeout=ENGINE_EXIT_S)
     assert not alive, f"serve.shutdown() left vLLM processes running: {[(p.pid, title(p)) for p in alive]}"
@@ -326,14 +375,20 @@ def test_batch_rows_through_vllm_match_the_torch_backend(drivers, tiny_engine):
     from omnireel.pipelines.render import LATENTS_EXTENSION
 
     summary = drivers.batch.result()
-    assert (summary.rows, summary.rendered, summary.failed, summary.invalid) == (2, 2, 0, 0), \
+    assert (summary.rows, summary.rendered, summary.failed, summary.invalid) == (4, 3, 0, 1), \
         read_parquet(summary.errors_uri)
+    [refused] = read_parquet(summary.errors_uri)          # the planner pool refused the too-long prompt
+    assert (refused["id"], refused["stage"], refused["field"]) == ("storm", "storyboard", "storyboard"), refused
+    assert refused["message"].startswith("storyboard: the prompt takes "), refused
 
     encode = drivers.watch.engines(r"MapBatches\(EncodePool\)")
-    assert sorted(e.depth for e in encode) == [1, 2], drivers.watch       # the engine core, its worker
-    [worker] = [e for e in encode if e.depth == 2]
-    assert not drivers.watch.engines(r"DenoisePool|DecodePool")   # only the encode actor runs vLLM
-    assert worker.cpus == unpinned()
+    # the planner pool's own actors (validation not fused into them: it stays in parallel tasks)
+    planners = drivers.watch.engines(r"MapWorker\(MapBatches\(StoryboardPlanners\)\)")
+    for engines in (encode, planners):
+        assert sorted(e.depth for e in engines) == [1, 2], drivers.watch     # the engine core, its worker
+        [worker] = [e for e in engines if e.depth == 2]
+        assert worker.cpus == unpinned()
+    assert not drivers.watch.engines(r"DenoisePool|DecodePool|validate")   # only those two actors run vLLM
 
     out = drivers.batch.out
     results = {r["id"]: r for r in read_parquet(summary.results_uri)}
@@ -353,5 +408,13 @@ def test_batch_rows_through_vllm_match_the_torch_backend(drivers, tiny_engine):
         assert {s["type"] for s in media.probe(data)} == {"video", "audio"}
         assert psnr(media.decode_video(data), media.decode_video(local.artifact.data)) >= PSNR_DB
 
-    gone, alive = psutil.wait_procs([e.process for e in encode], timeout=ENGINE_EXIT_S)
+    # the LLM row: rendered with the planner's shots, as LocalEngine renders the same planned request
+    planned = json.loads(storage.read_bytes(storage.sidecar_uri(out, results["dunes"]["key"])))["request"]
+    assert planned["storyboard"] == "llm" and 1 <= len(planned["shots"]) <= 2
+    local = tiny_engine.render(GenerationRequest(**planned))
+    latents = rows.decode_payload("latents", storage.read_bytes(
+        storage.artifact_uri(out, results["dunes"]["key"], LATENTS_EXTENSION)))
+    assert max_abs(latents.video, local.latents.video) <= LATENT_TOLERANCE
+
+    gone, alive = psutil.wait_procs([e.process for e in encode + planners], timeout=ENGINE_EXIT_S)
     assert not alive, f"the batch run left vLLM processes running: {[(p.pid, title(p)) for p in alive]}"

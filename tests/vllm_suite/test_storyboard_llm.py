@@ -2,39 +2,24 @@
 output is constrained by the bounded storyboard schema must always parse into valid shots."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 
 from omnireel.config import GenerationRequest, Shot
 from omnireel.model.config import MAX_SHOTS, preset
-from omnireel.model.text import resolve_text_model
 from omnireel.plan import PlanError, plan_request
 from omnireel.storyboard import (LLMShotPlanner, StoryboardError, min_shot_seconds, resolve_storyboard,
                                  storyboard_max_bytes)
 
+from vllm_support import write_tiny_decoder
+
 PROMPT_CHARS, CAMERA_CHARS = 40, 20
 MAX_TOKENS = storyboard_max_bytes(MAX_SHOTS, PROMPT_CHARS, CAMERA_CHARS)   # the JSON always finishes
-
-# A 2-layer Qwen2 decoder small enough for CPU (vLLM's CPU attention needs head_dim 32+: 128 / 2 = 64),
-# over MiniLM's WordPiece vocabulary (30522 tokens; [CLS] = 101 as BOS, [SEP] = 102 as EOS).
-TINY_DECODER = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128,
-    "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "vocab_size": 30528, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "float32",
-    "bos_token_id": 101, "eos_token_id": 102,
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOO_LONG = "!" * 1990 + " a storm"      # 1991 WordPiece tokens: each "!" is one
 
 
 @pytest.fixture(scope="module")
 def planner(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-decoder")
-    (folder / "config.json").write_text(json.dumps(TINY_DECODER))
-    for name in TOKENIZER_FILES:
-        shutil.copy(resolve_text_model("all-MiniLM-L6-v2") / name, folder / name)
+    folder = write_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder"))
     planner = LLMShotPlanner(folder, load_format="dummy", dtype="float32", temperature=1.0,
                              prompt_chars=PROMPT_CHARS, camera_chars=CAMERA_CHARS, max_tokens=MAX_TOKENS)
     yield planner
@@ -86,3 +71,16 @@ def test_a_request_asking_for_an_llm_storyboard_is_planned_into_explicit_shots(p
     with pytest.raises(PlanError, match="storyboard"):        # never planned: refused, naming the field
         plan_request(request, preset("tiny"))
     assert resolve_storyboard(resolved, planner) is resolved   # explicit shots: nothing to plan
+
+
+def test_many_requests_plan_in_one_call_and_a_prompt_too_long_is_refused_alone(planner):
+    from omnireel.storyboard import StoryboardTask
+    tasks = [StoryboardTask("a kite over the dunes", 1.0, 16, 1), StoryboardTask(TOO_LONG, 1.0, 16, 2),
+             StoryboardTask("waves at night then a lighthouse", 2.0, 8, 3)]
+    # a cap that leaves the planner's 8192-token context room for the short prompts only (~250 tokens
+    # with the instructions, through the tokenizer's chat template), not for the long one (~2230)
+    first, refused, last = planner.plan_many(tasks, max_tokens=7900)
+    assert_plannable(tasks[0].prompt, 1.0, 16, first, MAX_SHOTS)
+    assert_plannable(tasks[2].prompt, 2.0, 8, last, MAX_SHOTS)
+    assert isinstance(refused, StoryboardError)
+    assert str(refused).startswith("storyboard: the prompt takes ") and "of the planner's 8192" in str(refused)
