@@ -2,9 +2,12 @@
 random checkpoints, in this process: jobs of different seeds, step counts and guidance, three of one
 shape and one of another, submitted at different steps, each equal to its LocalEngine (solo) result
 within 1e-4; one cancelled mid-batch. The jobs of one shape run as one transformer call per guidance
-branch (rows stacked: CFG rows and single-row jobs together), the other shape as its own calls."""
+branch (rows stacked: CFG rows and single-row jobs together), the other shape as its own calls; a
+job whose call fails leaves alone. Wan 2.2 A14B: jobs on different experts make separate calls;
+TI2V-5B: per-token timesteps (image and text-to-video jobs at different steps) stack too."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -67,12 +70,18 @@ def family_run(request, ltx2_checkpoint, wan_checkpoint):
     return scenario, engine, inputs, expected
 
 
-def transformer_rows(denoiser) -> tuple[list[int], object]:
-    """A list that every transformer forward appends its batch size to, and the hook handles."""
+@contextlib.contextmanager
+def transformer_rows(denoiser):
+    """A list that every transformer forward (each Wan expert's too) appends its batch size to, meanwhile."""
     rows: list[int] = []
     modules = getattr(denoiser, "transformers", None) or [denoiser.transformer]
     hook = lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0])   # noqa: E731
-    return rows, [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield rows
+    finally:
+        for handle in hooks:
+            handle.remove()
 
 
 def test_jobs_batch_by_shape_and_each_equals_its_solo_run(family_run):
@@ -87,8 +96,7 @@ def test_jobs_batch_by_shape_and_each_equals_its_solo_run(family_run):
     def submit(i, **kwargs):
         tasks[i] = scheduler.submit(*inputs[i], progress=lambda done, n, i=i: progress[i].append((done, n)), **kwargs)
 
-    rows, hooks = transformer_rows(denoiser)
-    try:
+    with transformer_rows(denoiser) as rows:
         submit(0)
         submit(long, should_stop=lambda: stop["long"])
         scheduler.step()
@@ -101,9 +109,6 @@ def test_jobs_batch_by_shape_and_each_equals_its_solo_run(family_run):
         assert rows == scenario.full_step_rows
         stop["long"] = True                  # leaves at the next step boundary
         scheduler.run_until_idle()
-    finally:
-        for hook in hooks:
-            hook.remove()
 
     for i, latents in enumerate(expected):
         assert max_difference(tasks[i].future.result(), latents) <= PARITY, scenario.jobs[i]
@@ -130,3 +135,61 @@ def test_a_job_whose_call_fails_leaves_the_batch_and_the_others_complete(family_
         bad.future.result()
     for task, i in zip(good, (1, 2)):
         assert max_difference(task.future.result(), expected[i]) <= PARITY
+
+
+@pytest.fixture(scope="module")
+def wan_variants(tmp_path_factory):
+    """LocalEngines on tiny Wan 2.2 A14B (two experts) and TI2V-5B (a timestep per token) folders."""
+    from wan_support import build_tiny_wan
+
+    root = tmp_path_factory.mktemp("wan-batching")
+    return {variant: LocalEngine(build_tiny_wan(root / variant, variant)) for variant in ("a14b", "ti2v")}
+
+
+def test_wan_jobs_on_different_experts_make_separate_calls_and_each_equals_its_solo_run(wan_variants):
+    """A14B: job 0 on the low-noise expert while jobs 1 and 2 (one with CFG off) start on the high-noise one."""
+    engine = wan_variants["a14b"]
+    denoiser = engine.components["backbone"]
+    inputs = [denoise_inputs(engine, wan_request("32x32", seed, 2, **guidance))
+              for seed, guidance in ((1, {}), (2, {}), (3, {"guidance_video": 1.0}))]
+    expected = [expected_latents(engine, x) for x in inputs]
+    scheduler = DenoiseScheduler(denoiser)
+    with transformer_rows(denoiser) as rows:
+        tasks = [scheduler.submit(*inputs[0])]
+        scheduler.step()                                   # job 0: expert 0
+        tasks += [scheduler.submit(*x) for x in inputs[1:]]
+        rows.clear()
+        scheduler.step()                                   # job 0: expert 1; jobs 1, 2: expert 0, stacked
+        assert rows == [2, 2 + 1]
+        scheduler.run_until_idle()
+    for task, latents in zip(tasks, expected):
+        assert max_difference(task.future.result(), latents) <= PARITY
+
+
+def test_wan_jobs_with_per_token_timesteps_stack_and_each_equals_its_solo_run(wan_variants):
+    """TI2V-5B: (B, S) timesteps; two image-to-video jobs and a text-to-video one, at different steps."""
+    import base64
+
+    import numpy as np
+
+    from omnireel import media
+
+    engine = wan_variants["ti2v"]
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    image = "data:image/png;base64," + base64.b64encode(media.encode_png(pixels)).decode()
+    requests = [wan_request("32x32", 1, 3, input_reference=image), wan_request("32x32", 2, 2),
+                wan_request("32x32", 3, 2, input_reference=image, guidance_video=1.0)]
+    inputs = [denoise_inputs(engine, r) for r in requests]
+    expected = [expected_latents(engine, x) for x in inputs]
+    denoiser = engine.components["backbone"]
+    scheduler = DenoiseScheduler(denoiser)
+    with transformer_rows(denoiser) as rows:
+        tasks = [scheduler.submit(*inputs[0])]
+        scheduler.step()
+        tasks += [scheduler.submit(*x) for x in inputs[1:]]
+        rows.clear()
+        scheduler.step()
+        assert rows == [2 + 2 + 1]                         # one call: the three jobs' rows
+        scheduler.run_until_idle()
+    for task, latents in zip(tasks, expected):
+        assert max_difference(task.future.result(), latents) <= PARITY
