@@ -449,7 +449,8 @@ class WanDenoiser:
         each state's own timestep per row (stacked_calls.run_stacked); then every state applies its
         CFG and its scheduler step to its own rows. One state: one call, as WanPipeline makes it."""
         experts = [self.expert(s.timesteps[s.done]) for s in states]
-        calls = [(self.transformers[e], model_inputs(s, s.timesteps[s.done], self.dtype)) for s, e in zip(states, experts)]
+        calls = [(self.transformers[e], model_inputs(s, s.timesteps[s.done], self.dtype))
+                 for s, e in zip(states, experts)]
         for s, expert, (noise, *_) in zip(states, experts, run_stacked(forward, calls)):   # noise (B, C, T, h, w)
             self.advance(s, expert, noise)
 
