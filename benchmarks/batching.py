@@ -1,10 +1,14 @@
-"""The denoise scheduler alone, in this process: N identical small jobs denoised with batching off
-(max_batch_jobs 1) and on (max_batch_jobs N), jobs/minute of the denoise stage, side by side.
+"""The denoise scheduler alone, in this process: N small jobs of one shape (seeds 0..N-1) denoised
+with batching off (max_batch_jobs 1) and on (max_batch_jobs N), jobs/minute of the denoise stage,
+side by side.
 
-    python benchmarks/batching.py [--jobs 8] [--repeats 3] [--threads 2] [--size 32x32] [--steps 4]
+    python benchmarks/batching.py [--family omni|ltx2|wan] [--jobs 8] [--repeats 3] [--threads 2]
+                                  [--size WxH] [--seconds S] [--fps N] [--steps 4]
 
 The jobs' inputs (text, voice, media) are made once by LocalEngine's stages on a fresh tiny
-checkpoint (or --checkpoint); off and on alternate, each repeated --repeats times (medians).
+checkpoint of the family (omni: the `tiny` preset; ltx2 / wan: the tests' tiny random diffusers
+folders, tests/ltx2_support.py and tests/wan_support.py), or on --checkpoint; off and on alternate,
+each repeated --repeats times (medians). Each family's default request is its smallest tiny one.
 This is the ceiling step-level batching can give the served path, where the other stages' time
 and the jobs' arrival (one at a time through single-replica encoders) bound the batch size.
 """
@@ -19,9 +23,28 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # batching_support.denoise_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # batching_support, the tiny folders
 
 import torch  # noqa: E402
+
+# family -> (prompt its tiny tokenizer knows, size, seconds, fps): the smallest request of its tiny checkpoint
+REQUESTS = {"omni": ("a paper boat drifting down a rainy street", "32x32", 0.5, 8),
+            "ltx2": ("a robot dancing in the rain", "64x64", 9 / 24, 24),
+            "wan": ("a robot dancing in the rain", "32x32", 9 / 16, 16)}
+
+
+def tiny_checkpoint(family: str, directory: str) -> str:
+    """A fresh tiny checkpoint of `family` under `directory`."""
+    if family == "ltx2":
+        from ltx2_support import build_tiny_ltx2
+        return str(build_tiny_ltx2(Path(directory) / "tiny-ltx2"))
+    if family == "wan":
+        from wan_support import build_tiny_wan
+        return str(build_tiny_wan(Path(directory) / "tiny-wan"))
+    from omnireel.checkpoint import init_checkpoint
+    path = os.path.join(directory, "tiny")
+    init_checkpoint("tiny", path, seed=0)
+    return path
 
 
 def main() -> None:
@@ -30,25 +53,27 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", default="32x32")
-    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--family", choices=sorted(REQUESTS), default="omni",
+                        help="the tiny checkpoint made when --checkpoint is not given, and the default request")
+    parser.add_argument("--size", help="WxH (default: the family's smallest)")
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--fps", type=int)
     parser.add_argument("--steps", type=int, default=4)
     options = parser.parse_args()
 
     from batching_support import denoise_inputs
 
-    from omnireel.checkpoint import init_checkpoint
     from omnireel.config import GenerationRequest
     from omnireel.engine import LocalEngine
     from omnireel.scheduler import DenoiseScheduler
 
     torch.set_num_threads(options.threads)
-    checkpoint = options.checkpoint or os.path.join(tempfile.mkdtemp(prefix="omnireel-bench-batching-"), "tiny")
-    if not options.checkpoint:
-        init_checkpoint("tiny", checkpoint, seed=0)
+    checkpoint = options.checkpoint or tiny_checkpoint(options.family,
+                                                       tempfile.mkdtemp(prefix="omnireel-bench-batching-"))
     engine = LocalEngine(checkpoint)
-    inputs = [denoise_inputs(engine, GenerationRequest(prompt="a paper boat drifting down a rainy street",
-                                                       size=options.size, seconds=options.seconds, fps=8,
+    prompt, size, length, fps = REQUESTS[engine.family.name]
+    size, length, fps = options.size or size, options.seconds or length, options.fps or fps
+    inputs = [denoise_inputs(engine, GenerationRequest(prompt=prompt, size=size, seconds=length, fps=fps,
                                                        steps=options.steps, seed=seed))
               for seed in range(options.jobs)]
     denoiser = engine.components["backbone"]
@@ -70,9 +95,10 @@ def main() -> None:
             runs[max_batch_jobs].append(seconds(max_batch_jobs))
     off, on = (statistics.median(runs[m]) for m in (1, options.jobs))
     tokens = denoiser.prepare(*inputs[0]).tokens
-    print(f"preset {engine.config.name}, torch threads {options.threads}, {os.cpu_count()} CPU cores; "
-          f"{options.jobs} jobs of {options.size}, {options.seconds:g} s, {options.steps} steps ({tokens} tokens a "
-          f"step with CFG); median of {options.repeats}")
+    name = getattr(engine.config, "name", "tiny random diffusers folder")
+    print(f"family {engine.family.name} ({name}), torch threads {options.threads}, {os.cpu_count()} CPU cores; "
+          f"{options.jobs} jobs of {size}, {length:g} s at {fps} fps, {options.steps} steps ({tokens} tokens a "
+          f"step, guidance rows included); median of {options.repeats}")
     print(f"denoise jobs/minute, batching off (max_batch_jobs 1) / on (max_batch_jobs {options.jobs}): "
           f"{60 * options.jobs / off:.1f} / {60 * options.jobs / on:.1f} ({off / on:.2f}x); "
           f"seconds {off:.3f} / {on:.3f}")

@@ -37,4 +37,5 @@ def expected_latents(engine, inputs: tuple):
 
 def max_difference(found, expected) -> float:
     assert found.video.shape == expected.video.shape and found.audio.shape == expected.audio.shape
-    return max((found.video - expected.video).abs().max().item(), (found.audio - expected.audio).abs().max().item())
+    pairs = [(found.video, expected.video), (found.audio, expected.audio)]
+    return max((a - b).abs().max().item() for a, b in pairs if a.numel())          # Wan's audio is empty

@@ -36,9 +36,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .base import FamilyLimits, run_calls
+from .base import FamilyLimits
 from . import diffusers_folder
 from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
+from .stacked_calls import run_stacked
 
 NEGATIVE_PROMPT = ""                 # LTX2Pipeline.encode_prompt's default negative prompt
 STG_BLOCK = 28                       # LTX2Pipeline's default spatio_temporal_guidance_blocks=[28]
@@ -456,6 +457,13 @@ class LTX2DenoiseState:
     steps: int = 0
     done: int = 0
 
+    @property
+    def tokens(self) -> int:
+        """Model tokens of one step (what a batching scheduler's max_batch_tokens counts): video +
+        audio, once per row of its branches (2 + 1 + 1 with the pipeline's CFG, STG and modality)."""
+        rows = sum(2 if b == "cond_uncond" and self.guidance.cfg else 1 for b in branches(self.guidance))
+        return rows * (self.video.shape[1] + self.audio.shape[1])
+
 
 def branch_inputs(s: LTX2DenoiseState, t: torch.Tensor, branch: str, dtype: torch.dtype) -> dict:
     """The transformer's arguments for one guidance branch: "cond_uncond" (the CFG batch, or the
@@ -575,13 +583,15 @@ class LTX2Denoiser:
 
     @torch.inference_mode()
     def step(self, states: list[LTX2DenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state, the transformer called through `forward` (base.Denoiser):
-        a step's branches (CFG batch, STG, modality) go to it together (base.run_calls). The states
-        step one by one: a batching host's scheduler (scheduler.py) runs LTX-2 jobs correctly side by
-        side, but not faster than one after the other; packing their tokens into one transformer call
-        is a later step."""
-        for state in states:
-            self.step_one(state, forward)
+        """One sampler step of every state, the transformer called through `forward` (base.Denoiser).
+        Each state's branches (CFG batch, STG, modality) are its calls; the calls of all states that
+        agree in branch and token shape (video, audio, text length) run as one, their rows stacked on
+        the batch dimension (stacked_calls.run_stacked), each state with its own timestep per row;
+        then every state guides and steps on its own rows. One state: its branches' calls as before."""
+        calls = [[self.model_inputs(s, s.timesteps[s.done], b) for b in branches(s.guidance)] for s in states]
+        predictions = iter(run_stacked(forward, [(self.transformer, kwargs) for per in calls for kwargs in per]))
+        for s, per in zip(states, calls):
+            self.advance(s, [next(predictions) for _ in per])
 
     def model_inputs(self, s: LTX2DenoiseState, t: torch.Tensor, branch: str) -> dict:
         return branch_inputs(s, t, branch, self.dtype)
@@ -595,14 +605,14 @@ class LTX2Denoiser:
         return (pipe.convert_velocity_to_x0(s.video.repeat(rows, 1, 1), video, i, s.video_scheduler),
                 pipe.convert_velocity_to_x0(s.audio.repeat(rows, 1, 1), audio, i, s.audio_scheduler))
 
-    def step_one(self, s: LTX2DenoiseState, forward) -> None:
-        """LTX2Pipeline's loop body: x0-space guidance deltas, rescale, back to velocity, Euler step."""
+    def advance(self, s: LTX2DenoiseState, predictions: list[tuple]) -> None:
+        """LTX2Pipeline's loop body from the branches' predictions (video, audio) in branches() order:
+        x0-space guidance deltas, rescale, back to velocity, Euler step."""
         from diffusers.pipelines.ltx2.pipeline_ltx2 import rescale_noise_cfg
 
         g, i, pipe = s.guidance, s.done, self.pipeline
         t = s.timesteps[i]
         names = branches(g)
-        predictions = run_calls(forward, self.transformer, [self.model_inputs(s, t, b) for b in names])
         x0 = {name: self.to_x0(s, p) for name, p in zip(names, predictions)}
         video_x0, audio_x0 = x0["cond_uncond"]
         video_cfg = audio_cfg = video_stg = audio_stg = video_iso = audio_iso = 0   # the pipeline's deltas

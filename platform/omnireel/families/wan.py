@@ -36,9 +36,10 @@ from typing import Callable
 
 import torch
 
-from .base import FamilyLimits, bind_forward
+from .base import FamilyLimits
 from . import diffusers_folder
 from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
+from .stacked_calls import run_stacked
 
 NEGATIVE_PROMPT = ""                 # WanPipeline.encode_prompt's default negative prompt
 MAX_SECONDS = 10.0                   # what one replica is sized for (161 frames at 16 fps, 1280x720)
@@ -339,6 +340,7 @@ class WanDenoiseState:
     experts: list = None                          # which expert ran each step taken (0: high noise, 1: low)
     steps: int = 0
     done: int = 0
+    tokens: int = 0                               # model tokens of one step, CFG rows included (max_batch_tokens)
 
     @property
     def cfg(self) -> bool:
@@ -418,7 +420,8 @@ class WanDenoiser:
         state = WanDenoiseState(latents=latents, text=torch.stack(rows).to(device, self.dtype), scheduler=scheduler,
                                 timesteps=scheduler.timesteps, guidance=plan.guidance_video,
                                 guidance_2=plan.guidance_video, expand_timesteps=config.expand_timesteps,
-                                experts=[], steps=len(scheduler.timesteps))
+                                experts=[], steps=len(scheduler.timesteps),
+                                tokens=len(rows) * latents[0, 0].numel() // math.prod(config.patch_size))
         if media is not None and media.video is not None:
             self.condition(state, media)
         return state
@@ -440,19 +443,20 @@ class WanDenoiser:
 
     @torch.inference_mode()
     def step(self, states: list[WanDenoiseState], forward: Callable | None = None) -> None:
-        """One sampler step of each state, the step's expert called through `forward` (base.Denoiser).
-        The states step one by one, one transformer call each: a batching host's scheduler
-        (scheduler.py) runs Wan jobs correctly side by side, but not faster than one after the other;
-        packing their tokens into one transformer call is a later step."""
-        for state in states:
-            self.step_one(state, forward)
+        """One sampler step of every state, each step's expert called through `forward` (base.Denoiser).
+        The states whose calls agree in expert and token shape (latents, text length, image tokens)
+        run as one call, their rows (cond and uncond included) stacked on the batch dimension with
+        each state's own timestep per row (stacked_calls.run_stacked); then every state applies its
+        CFG and its scheduler step to its own rows. One state: one call, as WanPipeline makes it."""
+        experts = [self.expert(s.timesteps[s.done]) for s in states]
+        calls = [(self.transformers[e], model_inputs(s, s.timesteps[s.done], self.dtype))
+                 for s, e in zip(states, experts)]
+        for s, expert, (noise, *_) in zip(states, experts, run_stacked(forward, calls)):   # noise (B, C, T, h, w)
+            self.advance(s, expert, noise)
 
-    def step_one(self, s: WanDenoiseState, forward) -> None:
-        """The pipeline's loop body: the expert for t, cond and uncond in one batch, CFG, the scheduler step."""
+    def advance(self, s: WanDenoiseState, expert: int, noise: torch.Tensor) -> None:
+        """The pipeline's loop body after the expert's call: CFG, the scheduler step."""
         t = s.timesteps[s.done]
-        expert = self.expert(t)
-        model = bind_forward(forward, self.transformers[expert])     # an injected forward keeps the expert switch
-        noise = model(**model_inputs(s, t, self.dtype))[0]                  # (B, C, T, h, w)
         if s.cfg:
             scale = s.guidance if expert == 0 else s.guidance_2
             noise_uncond, noise = noise.chunk(2)
