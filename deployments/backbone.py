@@ -79,12 +79,6 @@ class JobSignals:
             self._sending = False
 
 
-def log_failure(future) -> None:
-    """A driving loop that raised (its jobs' futures hold their own errors; this is the loop's)."""
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("denoise scheduler loop failed", exc_info=future.exception())
-
-
 @serve.deployment
 class Backbone:
     def __init__(self, args, store):
@@ -134,8 +128,7 @@ class Backbone:
         """The job joins the scheduler's batch; the compute thread runs the loop unless it already does."""
         with StageTimings(DRIVER).measure(BACKBONE_STAGE):
             task = self.scheduler.submit(*inputs, progress=signals.progress, should_stop=signals.should_stop)
-            if self.scheduler.claim_driver():
-                self.compute.submit(self.scheduler.run_until_idle).add_done_callback(log_failure)
+            self.scheduler.drive(self.compute)
             return await asyncio.wrap_future(task.future)
 
     async def batching(self) -> dict:
