@@ -32,6 +32,7 @@ import os
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -49,6 +50,7 @@ from omnireel.parallel.inprocess import host_resources, open_backbone
 from omnireel.parallel.mesh import MeshShape
 from omnireel.parallel.mesh_denoiser import check_family_mesh
 from omnireel.plan import plan_request
+from omnireel.scheduler import DEFAULT_MAX_BATCH_JOBS, DEFAULT_MAX_BATCH_TOKENS, DenoiseScheduler
 from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
 from omnireel.voices import default_voice_prefix
 
@@ -75,6 +77,8 @@ class BatchOptions:
     threads: int | None = None          # torch threads in every actor and rank (default: Ray's, its CPUs)
     compute_niceness: int | None = 0    # nice value of each actor's and rank's compute thread (compute.py)
     cpus_per_rank: float = 1
+    max_batch_jobs: int = DEFAULT_MAX_BATCH_JOBS      # rows a denoise actor denoises together (1: batching off)
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens of one batched step (scheduler.py)
     dtype: str | None = None            # float type of the model components (None: as stored)
     save_latents: bool = False          # also write <key>.latents.safetensors beside each artifact
     pushgateway: str | None = None      # host:port of a Prometheus Pushgateway for the run's totals
@@ -219,16 +223,26 @@ class EncodePool(StagePool):
 class DenoisePool(StagePool):
     """The denoise stage on this actor's backbone host (parallel/inprocess.py): at tp=1 the actor runs
     the backbone itself; above, a BackboneGroup whose ranks are child actors captured into the
-    actor's placement group."""
+    actor's placement group.
+
+    A call's rows (up to max_batch_jobs: the pool's batch_size) are denoised together: each row runs
+    on a thread of its own and submits its job, which joins the running batch at the next step
+    boundary (at tp=1 the actor's DenoiseScheduler, driven on its compute thread; above, the group's
+    rank-0 scheduler). A row that fails leaves with its error; the others go on."""
 
     pool = "denoise"
 
     def __init__(self, checkpoint: str, threads: int | None = None, mesh: MeshShape = MeshShape(),
-                 cpus_per_rank: float = 1, niceness: int | None = None, dtype: str | None = None):
+                 cpus_per_rank: float = 1, niceness: int | None = None, dtype: str | None = None,
+                 max_batch_jobs: int = DEFAULT_MAX_BATCH_JOBS, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         super().__init__(checkpoint, threads, niceness=niceness, dtype=dtype)
         self.host = self.compute.run(open_backbone, checkpoint, mesh.tp, ray.util.get_current_placement_group(),
                                      cpus_per_rank=cpus_per_rank, threads=threads, dtype=dtype, niceness=niceness,
-                                     mesh=mesh)
+                                     mesh=mesh, max_batch_jobs=max_batch_jobs, max_batch_tokens=max_batch_tokens)
+        self.scheduler = None                  # one rank: the batching loop over the actor's own backbone
+        if mesh.ranks == 1:
+            self.scheduler = DenoiseScheduler(self.host.backbone, max_batch_jobs, max_batch_tokens, driver=DRIVER)
+        self.rank_failed = False               # a row of this call met a RankFailure: rebuild after the call
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -239,11 +253,26 @@ class DenoisePool(StagePool):
             host.shutdown()
         super().__del__()
 
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        todo = rows.from_table(batch)
+        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="denoise-row") as threads:
+            done = list(threads.map(self.run_row, todo))
+        if self.rank_failed:                 # those rows failed; the next call gets fresh ranks
+            self.compute.run(self.host.rebuild)
+            self.rank_failed = False
+        return rows.to_table(done, self.gives)
+
     def call(self, stage, values):
+        inputs = [values[name] for name in stage.inputs]        # the stage's contract
         try:
-            latents = self.host.denoise(*(values[name] for name in stage.inputs))   # the stage's contract
+            if self.scheduler is None:
+                latents = self.host.denoise(*inputs)
+            else:
+                task = self.scheduler.submit(*inputs)
+                self.scheduler.drive(self.compute)
+                latents = task.future.result()
         except RankFailure:
-            self.host.rebuild()          # this row fails; the next ones get fresh ranks
+            self.rank_failed = True
             raise
         metrics.record("omnireel_denoise_steps", values["plan"].steps, driver=DRIVER)
         return latents
@@ -305,22 +334,26 @@ def remove_placement_groups(tag: str) -> None:
 
 # ---- the render pipeline ----------------------------------------------------------------------
 
-POOL_ROWS = 1       # rows per model-pool call and per block entering the pools: the stages run a row at a time
+POOL_ROWS = 1       # rows per encode/decode call and per block entering a pool: those stages run a row at a time
+                    # (the denoise pool takes up to max_batch_jobs rows per call and denoises them together)
 
 
 def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOptions, tag: str) -> Iterator[dict]:
     """Streams the rows to render (triage.leaders) through the three pools; yields each row as it
     leaves the decode pool. They enter the pools in blocks of POOL_ROWS rows, so a call ends with
-    its rows (the next pool starts on them at once) and rows spread over a pool's actors."""
+    its rows (the next pool starts on them at once) and rows spread over a pool's actors; a denoise
+    call takes up to max_batch_jobs rows (what Ray Data has ready) and denoises them as one batch."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     ds = todo.repartition(target_num_rows_per_block=POOL_ROWS)           # streaming: splits blocks, no shuffle
-    common = dict(batch_format="pyarrow", batch_size=POOL_ROWS, zero_copy_batch=True)
-    for pool, size, kwargs, resources in (
-            ("encode", options.encoders, {"voices": options.voices or default_voice_prefix()},
+    common = dict(batch_format="pyarrow", zero_copy_batch=True)
+    for pool, size, rows_per_call, kwargs, resources in (
+            ("encode", options.encoders, POOL_ROWS, {"voices": options.voices or default_voice_prefix()},
              pool_resources("encode", use_gpu)),
-            ("denoise", options.replicas, {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank},
+            ("denoise", options.replicas, options.max_batch_jobs,
+             {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank,
+              "max_batch_jobs": options.max_batch_jobs, "max_batch_tokens": options.max_batch_tokens},
              denoise_resources(options, use_gpu, tag)),
-            ("decode", options.decoders, {"out": out, "save_latents": options.save_latents},
+            ("decode", options.decoders, POOL_ROWS, {"out": out, "save_latents": options.save_latents},
              pool_resources("decode", use_gpu))):
         with warnings.catch_warnings():   # deprecated in Ray 2.60, still how ray.data.llm places TP engines
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
@@ -328,7 +361,9 @@ def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOpti
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads,
                                                        "niceness": options.compute_niceness,
                                                        "dtype": options.dtype, **kwargs},
-                                **common, **resources)
+                                batch_size=rows_per_call, **common, **resources)
+        if rows_per_call > POOL_ROWS:     # a batch's rows leave as one block: split it for the next pool's actors
+            ds = ds.repartition(target_num_rows_per_block=POOL_ROWS)
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from rows.from_table(block)
 
@@ -502,13 +537,14 @@ def command(args) -> None:
 
     from omnireel.cli import fail
 
-    for name in ("tp", "sp", "cfg_parallel", "replicas", "limit"):
+    for name in ("tp", "sp", "cfg_parallel", "replicas", "limit", "max_batch_jobs", "max_batch_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')}: must be >= 1 (got {value})")
     if not -20 <= args.compute_niceness <= 19:
         fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
     options = BatchOptions(tp=args.tp, sp=args.sp, cfg_parallel=args.cfg_parallel, replicas=args.replicas, limit=args.limit, threads=args.threads,
+                           max_batch_jobs=args.max_batch_jobs, max_batch_tokens=args.max_batch_tokens,
                            compute_niceness=args.compute_niceness, dtype=args.dtype, save_latents=args.save_latents,
                            pushgateway=args.pushgateway, voices=args.voice_store, validate_only=args.validate_only)
     try:

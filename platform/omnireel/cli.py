@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2: CFG's conditional and unconditional rows on different ranks (ranks = cfg x sp x tp)")
     b.add_argument("--limit", type=int, help="only the first N manifest rows")
     b.add_argument("--replicas", type=int, default=1, help="denoising actors, each its own TP group (default 1)")
+    b.add_argument("--max-batch-jobs", type=int, default=8,
+                   help="rows one denoising actor denoises together, step by step (default 8; 1: batching off)")
+    b.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="tokens (layout length x CFG rows) of one batched step (default 32768); a larger row runs alone")
     b.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
     b.add_argument("--threads", type=int, help="torch CPU threads in every actor")
     b.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
