@@ -34,8 +34,9 @@ class AppArgs(BaseModel):
         "nice value of each stage replica's and rank's compute thread (Ray starts workers at 15; below "
         "that needs CAP_SYS_NICE, else it stays at 15); None: leave it as Ray set it"))
     max_batch_jobs: int = Field(8, ge=1, description=(
-        "jobs one Backbone replica denoises together at tp=1, joining and leaving the batch at step "
-        "boundaries (omnireel/scheduler.py); 1 turns batching off; its max_ongoing_requests is twice this"))
+        "jobs one Backbone replica denoises together (at tp=1 itself, above on its group's rank 0), joining "
+        "and leaving the batch at step boundaries (omnireel/scheduler.py); 1 turns batching off; its "
+        "max_ongoing_requests is twice this"))
     max_batch_tokens: int = Field(32768, ge=1, description=(
         "tokens (layout length x CFG rows) of one batched step; a larger job runs alone"))
     replica_cpus: float = Field(1.0, gt=0, description="CPUs of each stage replica")

@@ -45,7 +45,7 @@ from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.compute import ComputeThread
 from omnireel.config import GenerationRequest, canonical_json
 from omnireel.families import family_of
-from omnireel.parallel.group import BackboneGroup, RankFailure
+from omnireel.parallel.group import BackboneGroup
 from omnireel.parallel.inprocess import host_resources, open_backbone
 from omnireel.parallel.mesh import MeshShape
 from omnireel.parallel.mesh_denoiser import check_family_mesh
@@ -109,6 +109,7 @@ class BatchSummary:
     videos: int               # artifacts rendered by this run (rows with equal requests share one)
     render_seconds: float     # wall time of the render phase
     denoise_busy: float       # fraction of the warm window the denoise actors were running the backbone
+    denoise_rows_in_flight: float   # rows a denoise actor held in its batch on average while busy
     results_uri: str
     errors_uri: str
 
@@ -242,7 +243,6 @@ class DenoisePool(StagePool):
         self.scheduler = None                  # one rank: the batching loop over the actor's own backbone
         if mesh.ranks == 1:
             self.scheduler = DenoiseScheduler(self.host.backbone, max_batch_jobs, max_batch_tokens, driver=DRIVER)
-        self.rank_failed = False               # a row of this call met a RankFailure: rebuild after the call
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -257,23 +257,23 @@ class DenoisePool(StagePool):
         todo = rows.from_table(batch)
         with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="denoise-row") as threads:
             done = list(threads.map(self.run_row, todo))
-        if self.rank_failed:                 # those rows failed; the next call gets fresh ranks
+        denoised = [row for row in done if row["denoise_end"] > 0]
+        if denoised:                         # the actor was busy from the first row's start to the last's end
+            span = max(r["denoise_end"] for r in denoised) - min(r["denoise_start"] for r in denoised)
+            done = [{**row, "denoise_busy": span / len(denoised)} if row["denoise_end"] > 0 else row
+                    for row in done]
+        if self.host.broken:                 # a rank died: its rows failed; the next call gets fresh ranks
             self.compute.run(self.host.rebuild)
-            self.rank_failed = False
         return rows.to_table(done, self.gives)
 
     def call(self, stage, values):
         inputs = [values[name] for name in stage.inputs]        # the stage's contract
-        try:
-            if self.scheduler is None:
-                latents = self.host.denoise(*inputs)
-            else:
-                task = self.scheduler.submit(*inputs)
-                self.scheduler.drive(self.compute)
-                latents = task.future.result()
-        except RankFailure:
-            self.rank_failed = True
-            raise
+        if self.scheduler is None:
+            latents = self.host.denoise(*inputs)       # a RankFailure fails the row; __call__ rebuilds
+        else:
+            task = self.scheduler.submit(*inputs)
+            self.scheduler.drive(self.compute)
+            latents = task.future.result()
         metrics.record("omnireel_denoise_steps", values["plan"].steps, driver=DRIVER)
         return latents
 
@@ -387,16 +387,22 @@ def pool_resources(pool: str, use_gpu: bool) -> dict:
 
 @dataclass
 class DenoiseWindow:
-    """The denoise actors' busy fraction, from rendered rows as they come: backbone time over the warm
-    window (first denoise start to last end), per actor."""
+    """The denoise actors' busy fraction, from rendered rows as they come: backbone time (each row's
+    share of its denoise call's span) over the warm window (first denoise start to last end), per actor."""
     start: float = math.inf
     end: float = 0.0
     busy: float = 0.0
+    in_flight: float = 0.0    # the rows' own denoise seconds, summed
 
     def add(self, row: dict) -> None:
         if row["denoise_end"] > 0:
             self.start, self.end = min(self.start, row["denoise_start"]), max(self.end, row["denoise_end"])
-            self.busy += row["denoise_end"] - row["denoise_start"]
+            self.busy += row["denoise_busy"]
+            self.in_flight += row["denoise_end"] - row["denoise_start"]
+
+    def rows_in_flight(self) -> float:
+        """Rows an actor had in its batch on average while busy (1: one at a time)."""
+        return self.in_flight / self.busy if self.busy > 0 else 0.0
 
     def fraction(self, replicas: int) -> float:
         if self.end == 0:               # no row reached the backbone
@@ -505,6 +511,7 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
 
     summary = BatchSummary(rows=total, **counts, pending=todo if options.validate_only else 0, videos=videos,
                            render_seconds=render_seconds, denoise_busy=window.fraction(options.replicas),
+                           denoise_rows_in_flight=window.rows_in_flight(),
                            results_uri=results_uri, errors_uri=errors_uri)
     metrics.record("omnireel_batch_videos_per_hour", summary.videos_per_hour)
     metrics.record("omnireel_batch_denoise_busy_ratio", summary.denoise_busy)

@@ -101,6 +101,11 @@ class DenoiseScheduler:
             self._driving = True
             return True
 
+    def summary(self) -> dict:
+        """Jobs running and waiting, and the recent steps as (jobs, tokens), oldest first (any thread)."""
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "recent_steps": [(step.jobs, step.tokens) for step in list(self.recent_steps)]}
+
     def drive(self, executor) -> None:
         """Starts run_until_idle on `executor` (the host's compute thread: anything with submit(fn) ->
         Future) unless a loop already runs; call it after each submit."""

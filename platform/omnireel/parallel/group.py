@@ -239,6 +239,11 @@ class BackboneRank:
     def progress(self, job_id: str) -> tuple[int, int] | None:
         return self.queue.progress(job_id)
 
+    @ray.method(concurrency_group="control")
+    def batching(self) -> dict:
+        """This rank's batch (DenoiseScheduler.summary)."""
+        return self.batch.summary()
+
     # -- engine thread: the only thread that runs collectives --
 
     def _engine(self) -> None:
@@ -481,6 +486,11 @@ class BackboneGroup:
             self.placement_group = None
 
     @property
+    def broken(self) -> bool:
+        """True after a RankFailure (or shutdown) until rebuild() succeeds."""
+        return self._broken is not None
+
+    @property
     def rank_actors(self) -> list:
         return list(self._ranks)
 
@@ -511,6 +521,10 @@ class BackboneGroup:
         if not self._ranks:
             return None
         return ray.get(self._ranks[0].progress.remote(job_id), timeout=self.pg_timeout_s)
+
+    def batching(self) -> dict:
+        """What rank 0's scheduler holds and ran (BackboneRank.batching); every rank runs the same."""
+        return ray.get(self._ranks[0].batching.remote(), timeout=self.pg_timeout_s) if self._ranks else {}
 
     def denoise(self, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media: MediaLatents,
                 progress: Callable[[int, int], None] | None = None,

@@ -28,6 +28,7 @@ class InProcessBackbone:
     """The whole backbone on this process's device; the `denoise` stage runs in the calling thread."""
 
     tp = 1
+    broken = False        # no rank can die apart from this process
 
     def __init__(self, checkpoint_dir: str | Path, *, dtype: str | None = None):
         from ..stages import load_components
