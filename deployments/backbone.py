@@ -20,6 +20,7 @@ retries the job) after the group is rebuilt here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from ray import serve
@@ -120,8 +121,9 @@ class Backbone:
             if self.scheduler is not None:
                 return await self._batched(inputs, signals)
             with StageTimings(DRIVER).measure(BACKBONE_STAGE):   # a thread per call, so calls batch on the group
-                return await asyncio.to_thread(self.host.denoise, *inputs, progress=signals.progress,
-                                               should_stop=signals.should_stop)
+                return await asyncio.get_running_loop().run_in_executor(   # not to_thread: the request's context
+                    None, functools.partial(self.host.denoise, *inputs, progress=signals.progress,   # stays here, so
+                                            should_stop=signals.should_stop))   # a cancel does not cancel rank calls
         except RankFailure:
             await self.compute.call(self._rebuild)       # a fresh set of ranks for the next job
             raise

@@ -575,6 +575,9 @@ class BackboneGroup:
                 except ray.exceptions.RayActorError as exc:   # the actor died (or was killed)
                     self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} died during job {call.job_id} "
                                f"({type(exc).__name__})", exc)
+                except ray.exceptions.TaskCancelledError:     # the caller's task was cancelled (a Serve
+                    call.cancel()                             # request's children are): the ranks stay,
+                    raise Cancelled(f"job {call.job_id} cancelled: its caller was")   # the job stops
                 except ray.exceptions.RayError as exc:
                     self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} raised on job {call.job_id}: {exc}", exc)
                 first_done = first_done or time.monotonic()
