@@ -45,7 +45,7 @@ from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.compute import ComputeThread
 from omnireel.config import GenerationRequest, canonical_json
 from omnireel.families import family_of
-from omnireel.parallel.group import BackboneGroup
+from omnireel.parallel.group import MAX_QUEUED_JOBS, BackboneGroup
 from omnireel.parallel.inprocess import host_resources, open_backbone
 from omnireel.parallel.mesh import MeshShape
 from omnireel.parallel.mesh_denoiser import check_family_mesh
@@ -548,6 +548,10 @@ def command(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')}: must be >= 1 (got {value})")
+    ranks = args.tp * args.sp * args.cfg_parallel
+    if ranks > 1 and args.max_batch_jobs > MAX_QUEUED_JOBS:     # every row of a denoise call is in flight on the group
+        fail(f"--max-batch-jobs: at most {MAX_QUEUED_JOBS} when a denoise actor has {ranks} ranks "
+             f"(got {args.max_batch_jobs})")
     if not -20 <= args.compute_niceness <= 19:
         fail(f"--compute-niceness: must be in -20..19 (got {args.compute_niceness})")
     options = BatchOptions(tp=args.tp, sp=args.sp, cfg_parallel=args.cfg_parallel, replicas=args.replicas, limit=args.limit, threads=args.threads,

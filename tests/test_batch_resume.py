@@ -59,6 +59,8 @@ def test_killed_run_completes_on_rerun(ray_session, tiny_checkpoint, tmp_path, c
     (["--sp", "3"], "--sp=3 must divide the heads per tensor-parallel rank"),
     (["--sp", "0"], "--sp: must be >= 1"),
     (["--limit", "0"], "--limit: must be >= 1"),
+    (["--max-batch-jobs", "0"], "--max-batch-jobs: must be >= 1 (got 0)"),
+    (["--tp", "2", "--max-batch-jobs", "33"], "--max-batch-jobs: at most 32 when a denoise actor has 2 ranks (got 33)"),
     (["--compute-niceness", "20"], "--compute-niceness: must be in -20..19 (got 20)"),
 ])
 def test_bad_options_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys, extra, words):
