@@ -1,7 +1,8 @@
 """BackboneGroup at tp=2 (gloo, CPU) batches: four jobs of different sizes, seeds, step counts and
 guidance, submitted at different times, run together in rank 0's batch (every rank runs the same
 StepPlan) and each returns its LocalEngine latents (within 1e-4); a fifth, cancelled mid-batch,
-leaves at the next step on every rank while the others complete."""
+leaves at the next step on every rank while the others complete; a rank killed mid-batch fails every
+call in the batch (none hangs) and the rebuilt group batches again."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ from batching_support import JOBS, LONG, PARITY, denoise_inputs, expected_latent
 
 ray = pytest.importorskip("ray")
 
-from omnireel.parallel.group import BackboneGroup, DenoiseJob, JobCancelled  # noqa: E402
+from omnireel.parallel.group import BackboneGroup, DenoiseJob, JobCancelled, RankFailure  # noqa: E402
 
 TP = 2
 RANK_THREADS = 1        # two ranks share the two test cores
@@ -24,10 +25,18 @@ def group(ray_session, tiny_checkpoint):
     g.shutdown()
 
 
+@pytest.fixture(scope="module")
+def inputs(tiny_engine):
+    return [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_engine, inputs):
+    return [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
+
+
 def test_jobs_submitted_at_different_times_batch_on_the_group_each_equal_to_local_engine_and_one_cancelled(
-        group, tiny_engine):
-    inputs = [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
-    expected = [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
+        group, inputs, expected):
 
     long_job = group.submit(DenoiseJob(*inputs[4]))
     first = group.submit(DenoiseJob(*inputs[0]))
@@ -48,3 +57,22 @@ def test_jobs_submitted_at_different_times_batch_on_the_group_each_equal_to_loca
     jobs_per_step = [jobs for jobs, _ in state["recent_steps"]]
     assert max(jobs_per_step) >= 3                          # jobs ran together
     assert sum(jobs_per_step) == sum(r.steps for r in JOBS) + stopped.value.steps   # each job's steps, once
+
+
+def test_a_rank_killed_mid_batch_fails_every_call_in_it_and_the_rebuilt_group_batches_again(group, inputs, expected):
+    calls = [group.submit(DenoiseJob(*inputs[4])) for _ in range(2)]      # two long jobs, one batch
+
+    def kill_rank_1_once_running():
+        progress = calls[0].progress()
+        if progress is not None and progress[0] >= 1 and len(group.rank_actors) == TP:
+            ray.kill(group.rank_actors[1])
+
+    with pytest.raises(RankFailure, match=r"rank 1 died"):
+        calls[0].result(on_poll=kill_rank_1_once_running)
+    with pytest.raises(RankFailure):                       # the other job of the batch fails too, at once
+        calls[1].result()
+
+    group.rebuild()
+    again = [group.submit(DenoiseJob(*inputs[i])) for i in (0, 2)]
+    assert max_difference(again[0].result(), expected[0]) <= PARITY
+    assert max_difference(again[1].result(), expected[2]) <= PARITY
