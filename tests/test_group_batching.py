@@ -6,7 +6,7 @@ call in the batch (none hangs) and the rebuilt group batches again."""
 from __future__ import annotations
 
 import pytest
-from batching_support import JOBS, LONG, PARITY, denoise_inputs, expected_latents, max_difference
+from batching_support import JOBS, LONG, PARITY, expected, inputs, max_difference  # noqa: F401 (fixtures)
 
 ray = pytest.importorskip("ray")
 
@@ -23,16 +23,6 @@ def group(ray_session, tiny_checkpoint):
                       max_batch_jobs=8)
     yield g
     g.shutdown()
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_engine):
-    return [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_engine, inputs):
-    return [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
 
 
 def test_jobs_submitted_at_different_times_batch_on_the_group_each_equal_to_local_engine_and_one_cancelled(
