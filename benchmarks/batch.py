@@ -1,13 +1,17 @@
-"""Batch throughput: the Ray Data pipeline against a sequential LocalEngine loop over the same manifest;
-with --validate-only, the driver's peak memory over two manifest lengths.
+"""Batch throughput: the Ray Data pipeline with batching off and on, against a sequential LocalEngine
+loop over the same manifest; with --validate-only, the driver's peak memory over two manifest lengths.
 
-Prints videos/hour of both (end to end: from nothing loaded to every MP4 written), their ratio, the
-pipeline's render-phase throughput, the fraction of the warm window (first denoise start to last
-denoise end) that the denoise actors spent running the backbone, and the mean denoise time per row
-in each (on a small CPU box the pipeline's stages compete for the same cores).
+Prints jobs/minute and videos/hour of each (end to end: from nothing loaded to every MP4 written;
+and the pipeline's render phase), the ratio batching on / off and pipeline / sequential, the fraction
+of the warm window (first denoise start to last denoise end) that the denoise actors spent running
+the backbone, the rows a denoise actor held in its batch on average, and the mean denoise time per
+row in each (on a small CPU box the pipeline's stages compete for the same cores). Batching off is
+max_batch_jobs 1 (one row per denoise call), on is --batch-jobs; the pipeline runs interleave off,
+on, on, off (--repeats pairs) on one Ray, each into a fresh output, and each figure is over its runs.
 
     python benchmarks/batch.py [--preset tiny|small] [--rows 8] [--size 64x64] [--seconds 1] [--steps 4]
-                               [--replicas 1] [--tp 1] [--cpus 4] [--threads N] [--compute-niceness N|none]
+                               [--replicas 1] [--tp 1] [--batch-jobs 8] [--repeats 1] [--cpus 4]
+                               [--threads N] [--compute-niceness N|none]
     python benchmarks/batch.py --validate-only --rows 100000 [--compare 10000] [--cpus 4]
 
 --validate-only triages a generated manifest of tiny rows (a tenth too narrow, a tenth repeating an
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--batch-jobs", type=int, default=8, help="max_batch_jobs of the batching-on runs")
+    parser.add_argument("--repeats", type=int, default=1, help="(off, on, on, off) sequences to run")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
     parser.add_argument("--compute-niceness", default="0",
@@ -88,28 +94,47 @@ def main() -> None:
     sequential_s, loop_s = time.perf_counter() - start, time.perf_counter() - loop_start
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    start = time.perf_counter()                       # pipeline: validation, actor start-up, rendering, outputs
-    summary = run_batch(manifest, str(work / "pipeline"), str(checkpoint),
-                        BatchOptions(tp=args.tp, replicas=args.replicas, threads=args.threads,
-                                     compute_niceness=None if args.compute_niceness == "none"
-                                     else int(args.compute_niceness)))
-    pipeline_s = time.perf_counter() - start
+    runs: dict[int, list[tuple[float, object]]] = {1: [], args.batch_jobs: []}   # max_batch_jobs -> (s, summary)
+    for k, max_batch_jobs in enumerate([1, args.batch_jobs, args.batch_jobs, 1] * args.repeats):
+        start = time.perf_counter()                   # pipeline: validation, actor start-up, rendering, outputs
+        summary = run_batch(manifest, str(work / f"pipeline-{k}"), str(checkpoint),
+                            BatchOptions(tp=args.tp, replicas=args.replicas, threads=args.threads,
+                                         max_batch_jobs=max_batch_jobs,
+                                         compute_niceness=None if args.compute_niceness == "none"
+                                         else int(args.compute_niceness)))
+        runs[max_batch_jobs].append((time.perf_counter() - start, summary))
+        assert summary.rendered == args.rows, summary
     ray.shutdown()
-    assert summary.rendered == args.rows, summary
-    pipeline_denoise = [r["denoise_seconds"] for r in pq.read_table(summary.results_uri).to_pylist()]
 
-    per_hour = lambda seconds: 3600.0 * args.rows / seconds  # noqa: E731
+    rendered = args.rows * len(runs[1])                # rows per setting, over its runs
+    per_hour = lambda rows, seconds: 3600.0 * rows / seconds  # noqa: E731
     print(f"batch: {args.rows} rows, preset {args.preset}, {args.size}, {args.seconds:g} s at {args.fps} fps, "
           f"{args.steps} steps; tp={args.tp}, {args.replicas} denoise actor(s), {args.threads} torch threads, "
-          f"Ray with {args.cpus} logical CPUs")
-    print(f"sequential LocalEngine: {sequential_s:.1f} s end to end = {per_hour(sequential_s):.0f} videos/hour "
-          f"(loop alone {loop_s:.1f} s = {per_hour(loop_s):.0f} videos/hour)")
-    print(f"Ray Data pipeline:      {pipeline_s:.1f} s end to end = {per_hour(pipeline_s):.0f} videos/hour "
-          f"(render phase {summary.render_seconds:.1f} s = {summary.videos_per_hour:.0f} videos/hour)")
-    print(f"ratio pipeline / sequential (end to end): {sequential_s / pipeline_s:.2f}x")
-    print(f"denoise busy once warm: {summary.denoise_busy:.2f} of the window; denoise per row: "
-          f"{sum(pipeline_denoise) / len(pipeline_denoise):.2f} s in the pipeline, "
-          f"{sum(sequential_denoise) / len(sequential_denoise):.2f} s in LocalEngine")
+          f"Ray with {args.cpus} logical CPUs; {len(runs[1])} pipeline runs per setting, interleaved")
+    print(f"sequential LocalEngine:         {sequential_s:.1f} s end to end = {60 * args.rows / sequential_s:.1f} "
+          f"jobs/minute = {per_hour(args.rows, sequential_s):.0f} videos/hour (loop alone {loop_s:.1f} s = "
+          f"{per_hour(args.rows, loop_s):.0f} videos/hour)")
+    figures = {}
+    for max_batch_jobs, label in ((1, "off"), (args.batch_jobs, "on ")):
+        total = sum(seconds for seconds, _ in runs[max_batch_jobs])
+        render = sum(summary.render_seconds for _, summary in runs[max_batch_jobs])
+        summaries = [summary for _, summary in runs[max_batch_jobs]]
+        denoise = [r["denoise_seconds"] for summary in summaries
+                   for r in pq.read_table(summary.results_uri).to_pylist()]
+        figures[max_batch_jobs] = (total, render)
+        print(f"pipeline, batching {label} (max_batch_jobs {max_batch_jobs}): {total / len(summaries):.1f} s end to "
+              f"end = {60 * rendered / total:.1f} jobs/minute = {per_hour(rendered, total):.0f} videos/hour; render "
+              f"phase {render / len(summaries):.1f} s = {60 * rendered / render:.1f} jobs/minute = "
+              f"{per_hour(rendered, render):.0f} videos/hour; denoise busy "
+              f"{sum(s.denoise_busy for s in summaries) / len(summaries):.2f} of the window, "
+              f"{sum(s.denoise_rows_in_flight for s in summaries) / len(summaries):.2f} rows in flight, "
+              f"denoise per row {sum(denoise) / len(denoise):.2f} s")
+    (off_total, off_render), (on_total, on_render) = figures[1], figures[args.batch_jobs]
+    print(f"ratio batching on / off: {off_total / on_total:.2f}x end to end, {off_render / on_render:.2f}x render "
+          f"phase (jobs/minute)")
+    print(f"ratio pipeline (batching on) / sequential (end to end): "
+          f"{sequential_s / (on_total / len(runs[1])):.2f}x; denoise per row in LocalEngine: "
+          f"{sum(sequential_denoise) / len(sequential_denoise):.2f} s")
 
 
 def generated_manifest(uri: str, rows: int) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from ray.serve.config import BackpressureConfig
 
-from omnireel.parallel.group import BackboneGroup
+from omnireel.parallel.group import MAX_QUEUED_JOBS, BackboneGroup
 from omnireel.parallel.inprocess import host_resources
 from omnireel.stages import STAGE_GRAPH
 from omnireel.storyboard import llm_unavailable, planner_model
@@ -92,9 +92,12 @@ def bind_stage_deployment(deployment, stage, args: AppArgs, store):
 
 
 def backbone_queue(args: AppArgs) -> dict:
-    """At tp=1, where a Backbone replica batches: a running batch of max_batch_jobs and as many
-    waiting to join it at the next step boundary. Above, Serve's default (the group queues jobs)."""
-    return {"max_ongoing_requests": 2 * args.max_batch_jobs} if args.tp == 1 else {}
+    """A Backbone replica batches (on itself at tp=1, on its group's rank 0 above): a running batch of
+    max_batch_jobs and as many waiting to join it at the next step boundary (a group takes at most
+    MAX_QUEUED_JOBS in flight)."""
+    if args.tp == 1:
+        return {"max_ongoing_requests": 2 * args.max_batch_jobs}
+    return {"max_ongoing_requests": min(2 * args.max_batch_jobs, MAX_QUEUED_JOBS)}
 
 
 # ---- the Serve config YAML -------------------------------------------------------------------------

@@ -24,11 +24,6 @@ class AppArgs(DriverArgs):
     stage_gpus: dict[str, float] = Field(default_factory=dict, description=(
         "with use_gpu: GPUs of one stage's replicas, over the graph's default (1 for denoise and "
         "decode_video, else 0), e.g. {encode_text: 1} for LTX-2's 12B Gemma 3 text encoder"))
-    max_batch_jobs: int = Field(8, ge=1, description=(
-        "jobs one Backbone replica denoises together at tp=1, joining and leaving the batch at step "
-        "boundaries (omnireel/scheduler.py); 1 turns batching off; its max_ongoing_requests is twice this"))
-    max_batch_tokens: int = Field(32768, ge=1, description=(
-        "tokens (layout length x CFG rows) of one batched step; a larger job runs alone"))
     replica_cpus: float = Field(1.0, gt=0, description="CPUs of each stage replica")
     control_cpus: float = Field(0.25, ge=0, description="CPUs of each ingress, job store and runner replica")
     storage_uri: Optional[str] = Field(None, json_schema_extra={"flag": "--storage"},

@@ -5,11 +5,12 @@ Above tp=1 each replica owns its group: the replica is declared with `placement_
 per rank, the replica's own CPUs joined to bundle 0, STRICT_PACK; see app.py) and hands its
 placement group to the group, which places rank i in bundle i, as Ray Serve LLM does for vLLM.
 
-At tp=1 the replica batches: every `run` call submits its job to one DenoiseScheduler
+The replica batches: at tp=1 every `run` call submits its job to one DenoiseScheduler
 (omnireel/scheduler.py) and awaits that job's result; the compute thread drives the scheduler's
 loop while there is work, so concurrent jobs join the running batch at the next step boundary and
 leave it when done (up to `max_batch_jobs` / `max_batch_tokens`; max_batch_jobs 1 is one job at a
-time). Above tp=1 the group's rank 0 runs one job at a time.
+time). Above tp=1 every call submits its job to the group from a thread of its own, and the group's
+rank 0 batches the jobs in flight the same way (parallel/group.py), under the same bounds.
 
 Progress and cancel: every denoising step is reported to the JobStore, whose answer says whether
 to stop (the job was cancelled, or this attempt is stale); the group turns that into a cancel that
@@ -19,6 +20,7 @@ retries the job) after the group is rebuilt here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from ray import serve
@@ -26,12 +28,12 @@ from ray.util import get_current_placement_group
 
 from omnireel import metrics
 from omnireel.checkpoint import read_config
-from omnireel.parallel.group import RankFailure
+from omnireel.parallel.group import DenoiseJob, RankFailure
 from omnireel.parallel.inprocess import open_backbone
 from omnireel.scheduler import DenoiseScheduler
 from omnireel.stages import BACKBONE_STAGE, StageTimings
 
-from .stage_replica import DRIVER, NO_JOB, JobTicket, compute_thread, timed_call, warmup_values
+from .stage_replica import DRIVER, NO_JOB, JobTicket, compute_thread, warmup_values
 
 logger = logging.getLogger("ray.serve")
 PROGRESS_REPORT_TIMEOUT_S = 10.0
@@ -79,12 +81,6 @@ class JobSignals:
             self._sending = False
 
 
-def log_failure(future) -> None:
-    """A driving loop that raised (its jobs' futures hold their own errors; this is the loop's)."""
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("denoise scheduler loop failed", exc_info=future.exception())
-
-
 @serve.deployment
 class Backbone:
     def __init__(self, args, store):
@@ -93,7 +89,8 @@ class Backbone:
         self.host = self.compute.run(open_backbone, args.checkpoint, args.tp, get_current_placement_group(),
                                      use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
                                      threads=self.compute.threads, dtype=args.dtype, niceness=args.compute_niceness,
-                                     mesh=args.mesh)
+                                     mesh=args.mesh, max_batch_jobs=args.max_batch_jobs,
+                                     max_batch_tokens=args.max_batch_tokens)
         self.scheduler = None                    # one rank: the batching loop over the replica's own backbone
         if args.mesh.ranks == 1:
             self.scheduler = DenoiseScheduler(self.host.backbone, args.max_batch_jobs, args.max_batch_tokens,
@@ -102,10 +99,12 @@ class Backbone:
         self.compute.run(self._warm_up, *[values[name] for name in BACKBONE_STAGE.inputs])
 
     def _warm_up(self, *inputs) -> None:
-        """The smallest job once on the backbone host; at tp=1 twice through the scheduler, so its
+        """The smallest job twice at once on the backbone host (once where batching is off), so its
         batched step has run too before the replica reports ready."""
-        if self.scheduler is None:
-            self.host.denoise(*inputs)
+        if self.scheduler is None:           # the group: its rank 0 batches the two
+            calls = [self.host.submit(DenoiseJob(*inputs)) for _ in range(min(2, self.host.max_batch_jobs))]
+            for call in calls:
+                call.result()
             return
         tasks = [self.scheduler.submit(*inputs) for _ in range(min(2, self.scheduler.max_batch_jobs))]
         if self.scheduler.claim_driver():
@@ -121,30 +120,35 @@ class Backbone:
         try:
             if self.scheduler is not None:
                 return await self._batched(inputs, signals)
-            return await timed_call(self.compute, BACKBONE_STAGE, self.host.denoise, *inputs,
-                                    progress=signals.progress, should_stop=signals.should_stop)
+            with StageTimings(DRIVER).measure(BACKBONE_STAGE):   # a thread per call, so calls batch on the group
+                return await asyncio.get_running_loop().run_in_executor(   # not to_thread: the request's context
+                    None, functools.partial(self.host.denoise, *inputs, progress=signals.progress,   # stays here, so
+                                            should_stop=signals.should_stop))   # a cancel does not cancel rank calls
         except RankFailure:
-            await self.compute.call(self.host.rebuild)   # a fresh set of ranks for the next job
+            await self.compute.call(self._rebuild)       # a fresh set of ranks for the next job
             raise
         except asyncio.CancelledError:   # the caller gave up: stop at the next step
             signals.stop = True
             raise
 
+    def _rebuild(self) -> None:
+        """After a RankFailure: every call in flight failed with it; the first to get here rebuilds."""
+        if self.host.broken:
+            self.host.rebuild()
+
     async def _batched(self, inputs, signals: JobSignals):
         """The job joins the scheduler's batch; the compute thread runs the loop unless it already does."""
         with StageTimings(DRIVER).measure(BACKBONE_STAGE):
             task = self.scheduler.submit(*inputs, progress=signals.progress, should_stop=signals.should_stop)
-            if self.scheduler.claim_driver():
-                self.compute.submit(self.scheduler.run_until_idle).add_done_callback(log_failure)
+            self.scheduler.drive(self.compute)
             return await asyncio.wrap_future(task.future)
 
     async def batching(self) -> dict:
-        """What the replica's scheduler holds and ran (tp=1): jobs running and waiting, and the recent
-        steps as (jobs, tokens), oldest first. Empty above tp=1 (one job at a time on the group)."""
+        """What the replica's scheduler (at tp=1; above, its group's rank 0) holds and ran: jobs running
+        and waiting, and the recent steps as (jobs, tokens), oldest first."""
         if self.scheduler is None:
-            return {}
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "recent_steps": [(step.jobs, step.tokens) for step in self.scheduler.recent_steps]}
+            return await asyncio.to_thread(self.host.batching)
+        return self.scheduler.summary()
 
     async def ready(self) -> bool:
         return True

@@ -33,6 +33,7 @@ import os
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -45,11 +46,12 @@ from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.compute import ComputeThread
 from omnireel.config import GenerationRequest, canonical_json
 from omnireel.families import family_of
-from omnireel.parallel.group import BackboneGroup, RankFailure
+from omnireel.parallel.group import MAX_QUEUED_JOBS, BackboneGroup
 from omnireel.parallel.inprocess import host_resources, open_backbone
 from omnireel.parallel.mesh import MeshShape
 from omnireel.parallel.mesh_denoiser import check_family_mesh
 from omnireel.plan import plan_request
+from omnireel.scheduler import DEFAULT_MAX_BATCH_JOBS, DEFAULT_MAX_BATCH_TOKENS, DenoiseScheduler
 from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
 from omnireel.storyboard import llm_unavailable, planner_model
 from omnireel.voices import default_voice_prefix
@@ -83,6 +85,7 @@ class BatchSummary:
     videos: int               # artifacts rendered by this run (rows with equal requests share one)
     render_seconds: float     # wall time of the render phase
     denoise_busy: float       # fraction of the warm window the denoise actors were running the backbone
+    denoise_rows_in_flight: float   # rows a denoise actor held in its batch on average while busy
     results_uri: str
     errors_uri: str
 
@@ -197,16 +200,25 @@ class EncodePool(StagePool):
 class DenoisePool(StagePool):
     """The denoise stage on this actor's backbone host (parallel/inprocess.py): at tp=1 the actor runs
     the backbone itself; above, a BackboneGroup whose ranks are child actors captured into the
-    actor's placement group."""
+    actor's placement group.
+
+    A call's rows (up to max_batch_jobs: the pool's batch_size) are denoised together: each row runs
+    on a thread of its own and submits its job, which joins the running batch at the next step
+    boundary (at tp=1 the actor's DenoiseScheduler, driven on its compute thread; above, the group's
+    rank-0 scheduler). A row that fails leaves with its error; the others go on."""
 
     pool = "denoise"
 
     def __init__(self, checkpoint: str, threads: int | None = None, mesh: MeshShape = MeshShape(),
-                 cpus_per_rank: float = 1, niceness: int | None = None, dtype: str | None = None):
+                 cpus_per_rank: float = 1, niceness: int | None = None, dtype: str | None = None,
+                 max_batch_jobs: int = DEFAULT_MAX_BATCH_JOBS, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         super().__init__(checkpoint, threads, niceness=niceness, dtype=dtype)
         self.host = self.compute.run(open_backbone, checkpoint, mesh.tp, ray.util.get_current_placement_group(),
                                      cpus_per_rank=cpus_per_rank, threads=threads, dtype=dtype, niceness=niceness,
-                                     mesh=mesh)
+                                     mesh=mesh, max_batch_jobs=max_batch_jobs, max_batch_tokens=max_batch_tokens)
+        self.scheduler = None                  # one rank: the batching loop over the actor's own backbone
+        if mesh.ranks == 1:
+            self.scheduler = DenoiseScheduler(self.host.backbone, max_batch_jobs, max_batch_tokens, driver=DRIVER)
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -217,12 +229,27 @@ class DenoisePool(StagePool):
             host.shutdown()
         super().__del__()
 
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        todo = rows.from_table(batch)
+        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="denoise-row") as threads:
+            done = list(threads.map(self.run_row, todo))
+        denoised = [row for row in done if row["denoise_end"] > 0]
+        if denoised:                         # the actor was busy from the first row's start to the last's end
+            span = max(r["denoise_end"] for r in denoised) - min(r["denoise_start"] for r in denoised)
+            done = [{**row, "denoise_busy": span / len(denoised)} if row["denoise_end"] > 0 else row
+                    for row in done]
+        if self.host.broken:                 # a rank died: its rows failed; the next call gets fresh ranks
+            self.compute.run(self.host.rebuild)
+        return rows.to_table(done, self.gives)
+
     def call(self, stage, values):
-        try:
-            latents = self.host.denoise(*(values[name] for name in stage.inputs))   # the stage's contract
-        except RankFailure:
-            self.host.rebuild()          # this row fails; the next ones get fresh ranks
-            raise
+        inputs = [values[name] for name in stage.inputs]        # the stage's contract
+        if self.scheduler is None:
+            latents = self.host.denoise(*inputs)       # a RankFailure fails the row; __call__ rebuilds
+        else:
+            task = self.scheduler.submit(*inputs)
+            self.scheduler.drive(self.compute)
+            latents = task.future.result()
         metrics.record("omnireel_denoise_steps", values["plan"].steps, driver=DRIVER)
         return latents
 
@@ -283,22 +310,26 @@ def remove_placement_groups(tag: str) -> None:
 
 # ---- the render pipeline ----------------------------------------------------------------------
 
-POOL_ROWS = 1       # rows per model-pool call and per block entering the pools: the stages run a row at a time
+POOL_ROWS = 1       # rows per encode/decode call and per block entering a pool: those stages run a row at a time
+                    # (the denoise pool takes up to max_batch_jobs rows per call and denoises them together)
 
 
 def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOptions, tag: str) -> Iterator[dict]:
     """Streams the rows to render (triage.leaders) through the three pools; yields each row as it
     leaves the decode pool. They enter the pools in blocks of POOL_ROWS rows, so a call ends with
-    its rows (the next pool starts on them at once) and rows spread over a pool's actors."""
+    its rows (the next pool starts on them at once) and rows spread over a pool's actors; a denoise
+    call takes up to max_batch_jobs rows (what Ray Data has ready) and denoises them as one batch."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     ds = todo.repartition(target_num_rows_per_block=POOL_ROWS)           # streaming: splits blocks, no shuffle
-    common = dict(batch_format="pyarrow", batch_size=POOL_ROWS, zero_copy_batch=True)
-    for pool, size, kwargs, resources in (
-            ("encode", options.encoders, {"voices": options.voices_uri or default_voice_prefix()},
+    common = dict(batch_format="pyarrow", zero_copy_batch=True)
+    for pool, size, rows_per_call, kwargs, resources in (
+            ("encode", options.encoders, POOL_ROWS, {"voices": options.voices_uri or default_voice_prefix()},
              pool_resources("encode", use_gpu)),
-            ("denoise", options.replicas, {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank},
+            ("denoise", options.replicas, options.max_batch_jobs,
+             {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank,
+              "max_batch_jobs": options.max_batch_jobs, "max_batch_tokens": options.max_batch_tokens},
              denoise_resources(options, use_gpu, tag)),
-            ("decode", options.decoders, {"out": out, "save_latents": options.save_latents},
+            ("decode", options.decoders, POOL_ROWS, {"out": out, "save_latents": options.save_latents},
              pool_resources("decode", use_gpu))):
         with warnings.catch_warnings():   # deprecated in Ray 2.60, still how ray.data.llm places TP engines
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
@@ -306,7 +337,9 @@ def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOpti
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads,
                                                        "niceness": options.compute_niceness,
                                                        "dtype": options.dtype, **kwargs},
-                                **common, **resources)
+                                batch_size=rows_per_call, **common, **resources)
+        if rows_per_call > POOL_ROWS:     # a batch's rows leave as one block: split it for the next pool's actors
+            ds = ds.repartition(target_num_rows_per_block=POOL_ROWS)
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from rows.from_table(block)
 
@@ -330,16 +363,22 @@ def pool_resources(pool: str, use_gpu: bool) -> dict:
 
 @dataclass
 class DenoiseWindow:
-    """The denoise actors' busy fraction, from rendered rows as they come: backbone time over the warm
-    window (first denoise start to last end), per actor."""
+    """The denoise actors' busy fraction, from rendered rows as they come: backbone time (each row's
+    share of its denoise call's span) over the warm window (first denoise start to last end), per actor."""
     start: float = math.inf
     end: float = 0.0
     busy: float = 0.0
+    in_flight: float = 0.0    # the rows' own denoise seconds, summed
 
     def add(self, row: dict) -> None:
         if row["denoise_end"] > 0:
             self.start, self.end = min(self.start, row["denoise_start"]), max(self.end, row["denoise_end"])
-            self.busy += row["denoise_end"] - row["denoise_start"]
+            self.busy += row["denoise_busy"]
+            self.in_flight += row["denoise_end"] - row["denoise_start"]
+
+    def rows_in_flight(self) -> float:
+        """Rows an actor had in its batch on average while busy (1: one at a time)."""
+        return self.in_flight / self.busy if self.busy > 0 else 0.0
 
     def fraction(self, replicas: int) -> float:
         if self.end == 0:               # no row reached the backbone
@@ -450,6 +489,7 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
 
     summary = BatchSummary(rows=total, **counts, pending=todo if options.validate_only else 0, videos=videos,
                            render_seconds=render_seconds, denoise_busy=window.fraction(options.replicas),
+                           denoise_rows_in_flight=window.rows_in_flight(),
                            results_uri=results_uri, errors_uri=errors_uri)
     metrics.record("omnireel_batch_videos_per_hour", summary.videos_per_hour)
     metrics.record("omnireel_batch_denoise_busy_ratio", summary.denoise_busy)
@@ -483,6 +523,10 @@ def command(args) -> None:
     from omnireel.cli import fail, flag_values
 
     options = flag_values(args, BatchOptions)
+    ranks = options.mesh.ranks
+    if ranks > 1 and options.max_batch_jobs > MAX_QUEUED_JOBS:     # every row of a denoise call is in flight on the group
+        fail(f"--max-batch-jobs: at most {MAX_QUEUED_JOBS} when a denoise actor has {ranks} ranks "
+             f"(got {options.max_batch_jobs})")
     try:
         checkpoint = str(options.checkpoint or default_checkpoint())
         config = read_config(checkpoint)

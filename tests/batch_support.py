@@ -126,11 +126,15 @@ def family_batch(root: Path, checkpoint, manifest_rows: list[dict]):
     return run_batch(manifest, out, checkpoint, OPTIONS.model_copy(update={"save_latents": True})), out
 
 
-def the_rendered_row(out: str):
-    """The one results row of a batch run and its saved GeneratedLatents."""
+def saved_latents(out: str, key: str):
+    """The GeneratedLatents a batch run with save_latents wrote for artifact `key`."""
     from omnireel.pipelines import rows
     from omnireel.pipelines.render import LATENTS_EXTENSION
 
+    return rows.decode_payload("latents", storage.read_bytes(storage.artifact_uri(out, key, LATENTS_EXTENSION)))
+
+
+def the_rendered_row(out: str):
+    """The one results row of a batch run and its saved GeneratedLatents."""
     (result,) = read_parquet(storage.join(out, "results.parquet"))
-    saved = storage.read_bytes(storage.artifact_uri(out, result["key"], LATENTS_EXTENSION))
-    return result, rows.decode_payload("latents", saved)
+    return result, saved_latents(out, result["key"])

@@ -1,7 +1,10 @@
 """Four denoise jobs of different sizes, seeds, step counts, guidance and shot counts, their inputs
 made by LocalEngine's own stages, and the LocalEngine latents each must equal (within 1e-4) when
-denoised in a batch: shared by the scheduler test and the Backbone replica test."""
+denoised in a batch: shared by the scheduler, the group and the Backbone replica tests (the
+`inputs` and `expected` fixtures are imported by the modules that use them)."""
 from __future__ import annotations
+
+import pytest
 
 from omnireel.config import GenerationRequest, Shot
 from omnireel.stages import STAGE_GRAPH, run_graph, run_stage
@@ -39,3 +42,15 @@ def max_difference(found, expected) -> float:
     assert found.video.shape == expected.video.shape and found.audio.shape == expected.audio.shape
     pairs = [(found.video, expected.video), (found.audio, expected.audio)]
     return max((a - b).abs().max().item() for a, b in pairs if a.numel())          # Wan's audio is empty
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_engine):
+    """The denoise inputs of JOBS and LONG, in that order (a test module imports this fixture)."""
+    return [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_engine, inputs):
+    """LocalEngine's latents for each of JOBS."""
+    return [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]

@@ -57,6 +57,7 @@ def test_killed_run_completes_on_rerun(ray_session, tiny_checkpoint, tmp_path, c
 @pytest.mark.parametrize("extra,words", [
     (["--tp", "3"], "--tp: tp=3 must divide"),
     (["--sp", "3"], "--sp=3 must divide the heads per tensor-parallel rank"),
+    (["--tp", "2", "--max-batch-jobs", "33"], "--max-batch-jobs: at most 32 when a denoise actor has 2 ranks (got 33)"),
 ])                                # a flag's own limits: tests/test_driver_args.py
 def test_bad_options_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys, extra, words):
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"id": "a", "prompt": "x"}])

@@ -15,7 +15,8 @@ SHARED = {"checkpoint": ("/models/omni", "/models/omni"), "tp": ("2", 2), "sp": 
           "cfg_parallel": ("2", 2), "threads": ("3", 3), "dtype": ("bfloat16", "bfloat16"),
           "compute_niceness": ("none", None), "cpus_per_rank": ("0.5", 0.5),
           "voices_uri": ("s3://bucket/voices", "s3://bucket/voices"),
-          "storyboard_model": ("/models/planner", "/models/planner")}
+          "storyboard_model": ("/models/planner", "/models/planner"), "max_batch_jobs": ("4", 4),
+          "max_batch_tokens": ("4096", 4096)}
 DRIVERS = {"serve": ([], AppArgs), "batch": (["manifest.parquet", "--out", "s3://bucket/out"], BatchOptions)}
 
 

@@ -9,20 +9,10 @@ import dataclasses
 
 import pytest
 import torch
-from batching_support import JOBS, LONG, PARITY, denoise_inputs, expected_latents, max_difference
+from batching_support import JOBS, LONG, PARITY, expected, inputs, max_difference  # noqa: F401 (fixtures)
 
 from omnireel.model.sampler import Cancelled
 from omnireel.scheduler import DenoiseScheduler
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_engine):
-    return [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_engine, inputs):
-    return [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
 
 
 def test_jobs_submitted_at_different_times_batch_together_and_each_equals_local_engine(tiny_engine, inputs,

@@ -1,7 +1,8 @@
-"""One Backbone replica at tp=1 batches: four jobs of different sizes, seeds, step counts and guidance,
-sent at different times as concurrent `run` calls, join one running batch and each returns its
-LocalEngine latents (within 1e-4); a fifth, cancelled by its caller mid-batch, leaves at the next
-step while the others complete. The replica is its own small Serve app beside the shared one."""
+"""One Backbone replica batches, at tp=1 (on itself) and at tp=2 (on its group's rank 0, gloo): four
+jobs of different sizes, seeds, step counts and guidance, sent at different times as concurrent
+`run` calls, join one running batch and each returns its LocalEngine latents (within 1e-4); a fifth,
+cancelled by its caller mid-batch, leaves at the next step while the others complete. The replica is
+its own small Serve app beside the shared one."""
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,12 @@ from omnireel.stages import BACKBONE_STAGE  # noqa: E402
 APP = "batching"
 
 
-@pytest.fixture(scope="module")
-def backbone(served, tiny_checkpoint):
-    """A Backbone deployment alone (no job store: NO_JOB calls report nothing), in the session's Serve."""
-    args = AppArgs(checkpoint=str(tiny_checkpoint), tp=1, threads=2, replica_cpus=0.25, cpus_per_rank=0.25,
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def backbone(request, served, tiny_checkpoint):
+    """A Backbone deployment alone (no job store: NO_JOB calls report nothing), in the session's Serve;
+    at tp=2 each rank takes one torch thread (the two share the test cores)."""
+    tp = request.param
+    args = AppArgs(checkpoint=str(tiny_checkpoint), tp=tp, threads=3 - tp, replica_cpus=0.25, cpus_per_rank=0.25,
                    max_batch_jobs=8).resolved()
     serve.run(bind_stage_deployment(Backbone, BACKBONE_STAGE, args, None), name=APP, route_prefix=None,
               blocking=False)
@@ -58,6 +61,7 @@ def test_concurrent_jobs_join_one_batch_each_equal_to_local_engine_and_a_cancell
         assert max_difference(results[i], latents) <= PARITY, JOBS[i]
     state = backbone.batching.remote().result()
     steps = state["recent_steps"][1:]                      # after the warm-up: two one-step jobs, one step
+                                                           # (at tp=2 two, if the second came a step late)
     assert state["running"] == state["waiting"] == 0
     assert max(jobs for jobs, _ in steps) >= 3             # jobs ran together
     assert sum(jobs for jobs, _ in steps) < sum(r.steps for r in JOBS) + LONG.steps   # the long job stopped

@@ -157,7 +157,7 @@ def test_a_batching_backbone_takes_a_batch_and_as_many_waiting_and_the_bounds_ar
     from omnireel.deployments.app import backbone_queue
     assert backbone_queue(AppArgs(max_batch_jobs=8)) == {"max_ongoing_requests": 16}
     assert backbone_queue(AppArgs(max_batch_jobs=1)) == {"max_ongoing_requests": 2}    # batching off
-    assert backbone_queue(AppArgs(tp=2, max_batch_jobs=8)) == {}                       # the group's own queue
+    assert backbone_queue(AppArgs(tp=2, max_batch_jobs=8)) == {"max_ongoing_requests": 16}   # rank 0 batches
     with pytest.raises(pydantic.ValidationError, match="max_batch_jobs"):
         AppArgs(max_batch_jobs=0)
     with pytest.raises(pydantic.ValidationError, match="max_batch_tokens"):

@@ -11,6 +11,9 @@ together and a job's latents are what it gets alone, up to float rounding.
     scheduler.run_until_idle()          # the host's compute thread: steps while there is work
     job.future.result()                 # GeneratedLatents, or Cancelled / the job's own error
 
+A host with many submitters (a Serve replica's concurrent calls, a batch actor's rows) calls
+`scheduler.drive(compute)` after each submit: the loop starts on its compute thread unless it runs.
+
 Per job: progress(done, steps) after each of its steps; should_stop() before each (a stop raises
 model.sampler.Cancelled into that job's future at the next step boundary, the others go on); a
 job whose prepare, step or finish raises fails alone: when a batched step raises, each job it did
@@ -25,6 +28,7 @@ max_batch_jobs = 1 turns batching off: one job at a time, in arrival order.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -38,6 +42,7 @@ from .model.sampler import Cancelled
 DEFAULT_MAX_BATCH_JOBS = 8
 DEFAULT_MAX_BATCH_TOKENS = 32768
 RECENT_STEPS = 1024            # StepRecords kept (DenoiseScheduler.recent_steps)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -95,6 +100,17 @@ class DenoiseScheduler:
                 return False
             self._driving = True
             return True
+
+    def summary(self) -> dict:
+        """Jobs running and waiting, and the recent steps as (jobs, tokens), oldest first (any thread)."""
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "recent_steps": [(step.jobs, step.tokens) for step in list(self.recent_steps)]}
+
+    def drive(self, executor) -> None:
+        """Starts run_until_idle on `executor` (the host's compute thread: anything with submit(fn) ->
+        Future) unless a loop already runs; call it after each submit."""
+        if self.claim_driver():
+            executor.submit(self.run_until_idle).add_done_callback(log_failure)
 
     @torch.inference_mode()
     def run_until_idle(self) -> None:
@@ -206,3 +222,9 @@ class DenoiseScheduler:
             if not task.future.done():
                 task.future.set_exception(exc)
             return False
+
+
+def log_failure(future) -> None:
+    """A driving loop that raised (its jobs' futures hold their own errors; this is the loop's)."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("denoise scheduler loop failed", exc_info=future.exception())

@@ -1,4 +1,4 @@
-"""BackboneGroup: N Ray rank actors running one tensor-parallel backbone, with a scheduler on rank 0.
+"""BackboneGroup: N Ray rank actors running one tensor-parallel backbone, with a batching scheduler on rank 0.
 
 The host (a Serve replica, a Ray Data actor, a script) hands the group a placement group with one
 bundle per rank (STRICT_PACK, a GPU per bundle where there are GPUs) or lets the group create one.
@@ -6,16 +6,20 @@ Rank actors rendezvous among themselves (rank 0 opens the TCP store and picks th
 shards from the checkpoint by slice, and then serve jobs:
 
     host                      rank 0                                 rank 1..N-1
-    submit(job) --ray.put--> run(job_id, job)  [JobScheduler queue]  run(job_id, job)  [pending]
-                             engine: pick next job, broadcast its id --> engine: receive the id
-                             denoise(...) lockstep, broadcasting the stop flag every step
+    submit(job) --ray.put--> run(job_id, job)  [JobQueue]            run(job_id, job)  [pending]
+                             engine, every step: compose a StepPlan (jobs joining, jobs to stop)
+                             and broadcast it ----------------------> engine: receive the StepPlan
+                             DenoiseScheduler.step(): retire, admit, one batched step, in lockstep
     result() <-- latents ---  RankOutcome(latents)                   RankOutcome(no latents)
 
-A job's inputs go out once (one object in the store, fetched by each rank), the whole denoising
-loop (the `denoise` stage, unchanged) runs on the ranks, and only the latents come back, from rank 0.
-Rank 0 decides which job runs next, so ranks agree on the order whatever order Ray delivers calls in,
-and step-level batching can later change the engine alone. Idle ranks wait on a local condition,
-never inside a collective, so the process-group timeout only bounds real collectives.
+A job's inputs go out once (one object in the store, fetched by each rank); each rank keeps a
+DenoiseScheduler (scheduler.py) over its shard, and rank 0's StepPlan makes every rank's scheduler
+hold the same jobs in the same order and stop the same ones, so the schedulers (deterministic from
+there: admission by arrival order, max_batch_jobs and each state's tokens) run the same batch every
+step. Concurrent submits join the running batch at a step boundary and leave it when done, cancelled
+or failed; only the latents come back, from rank 0. max_batch_jobs 1 (the default) runs one job
+at a time. Idle ranks wait on a local condition, never inside a collective, so the process-group
+timeout only bounds real collectives.
 
 Failures: the host waits on every rank's result (ray.wait); a rank that dies fails the call at once,
 a rank that stops answering fails it after the straggler timeout; either way the survivors are
@@ -24,6 +28,7 @@ killed, the call raises RankFailure, and `rebuild()` starts a fresh set of ranks
 from __future__ import annotations
 
 import datetime
+import functools
 import threading
 import time
 import traceback
@@ -41,6 +46,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..compute import enter_compute
 from ..model.sampler import Cancelled
 from ..plan import ScenePlan
+from ..scheduler import DEFAULT_MAX_BATCH_TOKENS, DenoiseScheduler, DenoiseTask
 from ..stages import GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings
 
 MAX_QUEUED_JOBS = 32          # jobs in flight per group (each holds one thread on every rank)
@@ -87,10 +93,11 @@ class JobCancelled(Cancelled):
         return type(self), (self.job_id, self.steps_by_rank, self.total)
 
 
-# ---- rank 0's scheduler ------------------------------------------------------------------------
+# ---- rank 0's queue ----------------------------------------------------------------------------
 
-class JobScheduler:
-    """Rank 0's queue: jobs in arrival order, one run at a time; cancel flags and progress per job."""
+class JobQueue:
+    """Rank 0's view of the jobs: ids in arrival order not yet named to the batch, cancel flags and
+    progress per job."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -103,11 +110,16 @@ class JobScheduler:
             self._queue.append(job_id)
             self._cond.notify_all()
 
-    def next_job(self) -> str:
-        """Blocks until a job is queued; returns the one to run next."""
+    def wait_for_job(self) -> None:
+        """Blocks until a job is queued."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue)
-            return self._queue.popleft()
+
+    def take_all(self) -> list[str]:
+        """Every queued job, oldest first (the queue is left empty)."""
+        with self._cond:
+            jobs, self._queue = list(self._queue), deque()
+            return jobs
 
     def cancel(self, job_id: str) -> None:
         with self._cond:
@@ -131,28 +143,43 @@ class JobScheduler:
             self._progress.pop(job_id, None)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What rank 0 broadcasts before every step: the jobs joining the batch (in this order) and the
+    jobs of the batch to stop. Every rank applies it to its own DenoiseScheduler, which then admits,
+    retires and steps the same jobs on every rank."""
+    joining: tuple[str, ...]
+    stopping: frozenset[str]
+
+
 # ---- the rank actor ----------------------------------------------------------------------------
 
 @ray.remote(concurrency_groups={"control": 2})
 class BackboneRank:
-    """One rank: its shard of the backbone and an engine thread that runs jobs in rank 0's order
-    (a compute thread at `niceness`, see compute.py)."""
+    """One rank: its shard of the backbone and an engine thread that steps a batch of jobs in rank 0's
+    order (a DenoiseScheduler over this rank's Denoiser; the engine is a compute thread at `niceness`,
+    see compute.py)."""
 
-    def __init__(self, rank: int, world: int, threads: int, niceness: int | None = None):
+    def __init__(self, rank: int, world: int, threads: int, niceness: int | None = None,
+                 max_batch_jobs: int = 1, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         torch.set_num_threads(threads)
         self.rank, self.world, self.niceness = rank, world, niceness
+        self.max_batch_jobs, self.max_batch_tokens = max_batch_jobs, max_batch_tokens
         gpu = bool(ray.get_gpu_ids())
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")   # Ray sets CUDA_VISIBLE_DEVICES
         self.backend = "nccl" if gpu else "gloo"
         self.store = None
         self.backbone = None
         self.timeout_s = 60.0
-        self.scheduler = JobScheduler() if rank == 0 else None
+        self.queue = JobQueue() if rank == 0 else None
+        self.batch: DenoiseScheduler | None = None   # set up with the backbone
         self._cond = threading.Condition()
-        self._jobs: dict[str, DenoiseJob] = {}       # arrived, not yet run
+        self._jobs: dict[str, DenoiseJob] = {}       # arrived, not yet in the batch
         self._outcomes: dict[str, RankOutcome] = {}  # finished, not yet returned
         self._unstarted = 0                          # jobs arrived here that no broadcast has named yet
         self._broken: str | None = None              # set when the engine thread died
+        self._tasks: dict[str, DenoiseTask] = {}     # the batch's jobs (waiting or running): engine thread only
+        self._stopping: frozenset[str] = frozenset()  # this step's StepPlan.stopping
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0: opens the rendezvous store on a free port; returns (address, port)."""
@@ -186,30 +213,36 @@ class BackboneRank:
         else:
             self.backbone = family_of(checkpoint_dir).load_backbone_shard(   # a Denoiser over this rank's shard
                 Path(checkpoint_dir), init_device_mesh(self.device.type, (self.world,)), self.device, dtype)
+        self.batch = DenoiseScheduler(self.backbone, self.max_batch_jobs, self.max_batch_tokens)
         threading.Thread(target=self._engine, name=f"backbone-rank{self.rank}", daemon=True).start()
         return resident_parameter_bytes(self.backbone.module)
 
     def run(self, job_id: str, job: DenoiseJob) -> RankOutcome:
-        """Queues `job` here and blocks until this rank has run it (in the order rank 0 picks)."""
+        """Queues `job` here and blocks until this rank has run it (in the batch rank 0 composes)."""
         with self._cond:
             if self._broken:
                 return RankOutcome(self.rank, "broken", 0, error=self._broken)
             self._jobs[job_id] = job
             self._unstarted += 1
             self._cond.notify_all()
-        if self.scheduler is not None:
-            self.scheduler.add(job_id)
+        if self.queue is not None:
+            self.queue.add(job_id)
         with self._cond:
             self._cond.wait_for(lambda: job_id in self._outcomes or self._broken)
             return self._outcomes.pop(job_id, None) or RankOutcome(self.rank, "broken", 0, error=self._broken)
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: str) -> None:
-        self.scheduler.cancel(job_id)
+        self.queue.cancel(job_id)
 
     @ray.method(concurrency_group="control")
     def progress(self, job_id: str) -> tuple[int, int] | None:
-        return self.scheduler.progress(job_id)
+        return self.queue.progress(job_id)
+
+    @ray.method(concurrency_group="control")
+    def batching(self) -> dict:
+        """This rank's batch (DenoiseScheduler.summary)."""
+        return self.batch.summary()
 
     # -- engine thread: the only thread that runs collectives --
 
@@ -217,66 +250,62 @@ class BackboneRank:
         enter_compute(None, self.niceness)   # torch's thread count is the process's, set in __init__
         try:
             while True:
-                job_id = self._next_job()
-                outcome = self._run(job_id)
-                with self._cond:
-                    self._outcomes[job_id] = outcome
-                    self._cond.notify_all()
-                if self.scheduler is not None:
-                    self.scheduler.forget(job_id)
+                plan = self._next_step()
+                for job_id in plan.joining:
+                    self._join(job_id)
+                self._stopping = plan.stopping
+                self.batch.step()            # retire, admit, one step: the same jobs on every rank
         except BaseException:  # a broken process group: every waiting and later call fails
             with self._cond:
                 self._broken = f"rank {self.rank}: engine stopped:\n{traceback.format_exc()}"
                 self._cond.notify_all()
 
-    def _next_job(self) -> str:
-        """Rank 0 picks the next job and broadcasts its id; the others wait for work, then receive it."""
+    def _next_step(self) -> StepPlan:
+        """Rank 0 composes the next step (StepPlan) and broadcasts it. An idle rank first waits for work
+        outside any collective: rank 0 on its queue, the others until a job arrives here too."""
         import torch.distributed as dist
-        if self.scheduler is not None:
-            job_id = self.scheduler.next_job()
-        else:
-            with self._cond:   # enter the collective only when rank 0 is sure to have work too
-                self._cond.wait_for(lambda: self._unstarted > 0)
-            job_id = None
-        message = [job_id]
+        if not self._tasks:
+            if self.queue is not None:
+                self.queue.wait_for_job()
+            else:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._unstarted > 0)
+        message = [None]
+        if self.queue is not None:
+            joining = tuple(self.queue.take_all())
+            message = [StepPlan(joining, frozenset(j for j in (*self._tasks, *joining) if self.queue.is_cancelled(j)))]
         dist.broadcast_object_list(message, src=0, device=self.device)
-        job_id = message[0]
+        return message[0]
+
+    def _join(self, job_id: str) -> None:
+        """The job joins this rank's scheduler (it reaches the batch at the scheduler's next admission)."""
         with self._cond:   # the host sent every rank this job; it may reach this rank a little later
             if not self._cond.wait_for(lambda: job_id in self._jobs, timeout=self.timeout_s):
                 raise RuntimeError(f"job {job_id} never reached rank {self.rank}")
-            self._unstarted -= 1
-        return job_id
-
-    def _run(self, job_id: str) -> RankOutcome:
-        import torch.distributed as dist
-
-        from ..stages import denoise
-
-        with self._cond:
             job = self._jobs.pop(job_id)
-        steps = 0
+            self._unstarted -= 1
+        progress = None if self.queue is None else functools.partial(self.queue.set_progress, job_id)
+        task = self.batch.submit(job.plan, job.text, job.voice, job.media, progress=progress,
+                                 should_stop=lambda: job_id in self._stopping)
+        self._tasks[job_id] = task
+        task.future.add_done_callback(lambda future: self._finished(job_id, future))
 
-        def progress(i: int, n: int) -> None:
-            nonlocal steps
-            steps = i
-            if self.scheduler is not None:
-                self.scheduler.set_progress(job_id, i, n)
-
-        def should_stop() -> bool:
-            # every rank calls this at the start of every step; rank 0's flag decides for all
-            flag = torch.tensor([self.scheduler is not None and self.scheduler.is_cancelled(job_id)],
-                                dtype=torch.int32, device=self.device)
-            dist.broadcast(flag, src=0)
-            return bool(flag.item())
-
-        try:   # the engine loop over this rank's Denoiser
-            latents = denoise(self.backbone, job.plan, job.text, job.voice, job.media,
-                              progress=progress, should_stop=should_stop)
-            return RankOutcome(self.rank, "done", steps, latents if self.rank == 0 else None)
-        except Cancelled:
-            return RankOutcome(self.rank, "cancelled", steps)
-        except Exception:
-            return RankOutcome(self.rank, "failed", steps, error=traceback.format_exc())
+    def _finished(self, job_id: str, future) -> None:
+        """A job left the batch (done, stopped, or failed alone): its outcome goes to the waiting run()."""
+        task = self._tasks.pop(job_id)
+        steps = task.state.done if task.state is not None else 0
+        error = future.exception()
+        if error is None:
+            outcome = RankOutcome(self.rank, "done", steps, future.result() if self.rank == 0 else None)
+        elif isinstance(error, Cancelled):
+            outcome = RankOutcome(self.rank, "cancelled", steps)
+        else:
+            outcome = RankOutcome(self.rank, "failed", steps, error="".join(traceback.format_exception(error)))
+        with self._cond:
+            self._outcomes[job_id] = outcome
+            self._cond.notify_all()
+        if self.queue is not None:
+            self.queue.forget(job_id)
 
 
 # ---- the host side -----------------------------------------------------------------------------
@@ -302,7 +331,8 @@ class DenoiseCall:
 
 
 class BackboneGroup:
-    """N rank actors running one TP-sharded backbone; `submit(job)` runs a whole denoising loop.
+    """N rank actors running one TP-sharded backbone; `submit(job)` runs a whole denoising loop, batched
+    with the other jobs in flight.
 
     placement_group: the host's placement group, one bundle per rank (rank i -> bundle i); when None
     the group creates a STRICT_PACK one from `bundles(tp, use_gpu)` and removes it on shutdown.
@@ -310,12 +340,15 @@ class BackboneGroup:
     e.g. declared with `placement_group_bundles=BackboneGroup.bundles(tp, gpu, host={"CPU": 1})`).
     mesh: a (cfg, sp, tp) MeshShape (parallel/mesh.py) whose tp is `tp`; the group then has
     cfg x sp x tp ranks (and bundles), each running its part through the mesh denoiser.
+    max_batch_jobs / max_batch_tokens: how many concurrently submitted jobs one step batches
+    (scheduler.py); 1 job: one at a time, in arrival order.
     """
 
     def __init__(self, checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
                  use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
                  dtype: str | None = None, pg_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
-                 niceness: int | None = None, mesh=None):
+                 niceness: int | None = None, mesh=None, max_batch_jobs: int = 1,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         from ..checkpoint import read_config
         from ..families import family_of
         from .mesh import MeshShape
@@ -344,6 +377,10 @@ class BackboneGroup:
         self.dtype = dtype
         self.niceness = niceness             # of each rank's engine thread (None: Ray's)
         self.pg_timeout_s = pg_timeout_s
+        if max_batch_jobs < 1 or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_jobs ({max_batch_jobs}) and max_batch_tokens ({max_batch_tokens}) "
+                             f"must be >= 1")
+        self.max_batch_jobs, self.max_batch_tokens = max_batch_jobs, max_batch_tokens   # rank 0's batch
         self.start_timeout_s = start_timeout_s
         self.straggler_timeout_s = pg_timeout_s + 30.0   # how long ranks may finish apart
         self._lock = threading.Lock()
@@ -388,7 +425,8 @@ class BackboneGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=i,
                 placement_group_capture_child_tasks=True),
-        ).remote(i, self.ranks, self.threads, self.niceness) for i in range(self.ranks)]
+        ).remote(i, self.ranks, self.threads, self.niceness, self.max_batch_jobs, self.max_batch_tokens)
+            for i in range(self.ranks)]
         self._ranks = ranks
         try:
             address = self._wait_all([ranks[0].open_store.remote()], self.start_timeout_s, "open its store")[0]
@@ -448,6 +486,11 @@ class BackboneGroup:
             self.placement_group = None
 
     @property
+    def broken(self) -> bool:
+        """True after a RankFailure (or shutdown) until rebuild() succeeds."""
+        return self._broken is not None
+
+    @property
     def rank_actors(self) -> list:
         return list(self._ranks)
 
@@ -478,6 +521,10 @@ class BackboneGroup:
         if not self._ranks:
             return None
         return ray.get(self._ranks[0].progress.remote(job_id), timeout=self.pg_timeout_s)
+
+    def batching(self) -> dict:
+        """What rank 0's scheduler holds and ran (BackboneRank.batching); every rank runs the same."""
+        return ray.get(self._ranks[0].batching.remote(), timeout=self.pg_timeout_s) if self._ranks else {}
 
     def denoise(self, plan: ScenePlan, text: TextEmbeddings, voice: VoiceEmbeddings, media: MediaLatents,
                 progress: Callable[[int, int], None] | None = None,
@@ -528,6 +575,9 @@ class BackboneGroup:
                 except ray.exceptions.RayActorError as exc:   # the actor died (or was killed)
                     self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} died during job {call.job_id} "
                                f"({type(exc).__name__})", exc)
+                except ray.exceptions.TaskCancelledError:     # the caller's task was cancelled (a Serve
+                    call.cancel()                             # request's children are): the ranks stay,
+                    raise Cancelled(f"job {call.job_id} cancelled: its caller was")   # the job stops
                 except ray.exceptions.RayError as exc:
                     self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} raised on job {call.job_id}: {exc}", exc)
                 first_done = first_done or time.monotonic()

@@ -18,6 +18,7 @@ import torch
 from ray.util.placement_group import PlacementGroup
 
 from ..plan import ScenePlan
+from ..scheduler import DEFAULT_MAX_BATCH_TOKENS
 from ..stages import GeneratedLatents, MediaLatents, TextEmbeddings, VoiceEmbeddings, denoise
 from .group import BackboneGroup
 from .mesh import MeshShape
@@ -27,6 +28,7 @@ class InProcessBackbone:
     """The whole backbone on this process's device; the `denoise` stage runs in the calling thread."""
 
     tp = 1
+    broken = False        # no rank can die apart from this process
 
     def __init__(self, checkpoint_dir: str | Path, *, dtype: str | None = None):
         from ..stages import load_components
@@ -58,12 +60,15 @@ def host_resources(ranks: int, use_gpu: bool, cpus_per_rank: float, host_cpus: f
 
 def open_backbone(checkpoint_dir: str | Path, tp: int, placement_group: PlacementGroup | None = None, *,
                   use_gpu: bool | None = None, cpus_per_rank: float = 1, threads: int | None = None,
-                  dtype: str | None = None, niceness: int | None = None, mesh: MeshShape | None = None):
+                  dtype: str | None = None, niceness: int | None = None, mesh: MeshShape | None = None,
+                  max_batch_jobs: int = 1, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
     """The backbone host for `tp` (or a (cfg, sp, tp) `mesh`): in this process with one rank (run it
-    on the caller's compute thread), else a BackboneGroup of rank actors whose engine threads are
-    compute threads at `niceness`."""
+    on the caller's compute thread; the caller batches with a DenoiseScheduler of its own), else a
+    BackboneGroup of rank actors whose engine threads are compute threads at `niceness`, and whose
+    rank 0 batches concurrent denoise calls up to `max_batch_jobs` / `max_batch_tokens`."""
     mesh = mesh or MeshShape(tp=tp)
     if mesh.ranks == 1:
         return InProcessBackbone(checkpoint_dir, dtype=dtype)
     return BackboneGroup(checkpoint_dir, mesh.tp, placement_group, use_gpu=use_gpu, cpus_per_rank=cpus_per_rank,
-                         threads=threads, dtype=dtype, niceness=niceness, mesh=mesh)
+                         threads=threads, dtype=dtype, niceness=niceness, mesh=mesh,
+                         max_batch_jobs=max_batch_jobs, max_batch_tokens=max_batch_tokens)
