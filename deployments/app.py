@@ -29,7 +29,8 @@ from .backbone import Backbone
 from .decoders import AudioDecoder, VideoDecoder
 from .encoders import MediaEncoder, TextEncoder, VoiceEncoder
 from .ingress import Ingress
-from .jobs import JobRunner, JobStore
+from .job_runner import JobRunner
+from .job_store import JobStore
 
 APP_NAME = "omnireel"
 CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")

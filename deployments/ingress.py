@@ -65,9 +65,10 @@ from omnireel.plan import PlanError, plan_request
 from omnireel.storyboard import StoryboardError, resolve_storyboard
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
-from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
+from .job_book import IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
 from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, admit_request, parse_body, read_body,
                               reference_policy, voice_upload)
+from .stage_replica import REPLICA_LOST
 
 logger = logging.getLogger("ray.serve")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omnireel import storage
-from omnireel.deployments.jobs import IdempotencyConflict, JobBook, QueueFull, UploadGone
+from omnireel.deployments.job_book import IdempotencyConflict, JobBook, QueueFull, UploadGone
 from omnireel.deployments.stage_replica import JobTicket
 
 REQUEST = {"prompt": "a fox", "seconds": 0.5, "size": "32x32"}
