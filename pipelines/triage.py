@@ -31,7 +31,8 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasource, ReadTask
 
 from omnireel import storage
-from omnireel.config import canonical_json, normalized, request_key
+from omnireel.canonical import canonical_json
+from omnireel.config import normalized, request_key
 from omnireel.plan import artifact_extension
 
 from . import rows
