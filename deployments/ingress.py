@@ -58,6 +58,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from omnireel import metrics, storage
 from omnireel.checkpoint import read_config, read_digest
@@ -69,6 +70,7 @@ from omnireel.storyboard import StoryboardError, resolve_storyboard
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
 from .job_book import IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
+from .job_store import riding_out_restarts
 from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, admit_request, parse_body, read_body,
                               reference_policy, voice_upload)
 from .stage_replica import REPLICA_LOST
@@ -533,24 +535,27 @@ class Ingress:
             raise unknown_voice(exc)
         create = (kind, self.model_id, normalized(generation), request_key(generation, self.digest),
                   self._idempotency_key(request), sorted(uploads))
-        for _ in range(UPLOAD_ATTEMPTS):
-            # written once (absent ones only), before the job that names them exists; the store
-            # checks they still exist as it creates the job (a job deleted meanwhile may have taken them)
-            await asyncio.to_thread(lambda: [storage.write_once(uri, data) for uri, data in uploads.items()])
-            try:
-                record, _ = await self._ask_store("create", *create)
-            except UploadGone:
-                continue
-            except (QueueFull, IdempotencyConflict) as exc:
-                if uploads:                       # no job names them: the store drops those no other job names
-                    await self._ask_store("release", sorted(uploads))
-                if isinstance(exc, QueueFull):
-                    raise APIError(429, str(exc), code="queue_full",
-                                   headers={"Retry-After": str(self.args.retry_after_s)})
-                raise APIError(409, str(exc), code="idempotency_conflict")
-            return record
-        raise APIError(503, "uploads were collected while the job was being created; retry", code="unavailable",
-                       headers={"Retry-After": str(self.args.retry_after_s)})
+        try:
+            return await self._store_uploads_and_create(uploads, create)
+        except UploadGone:
+            raise APIError(503, "uploads were collected while the job was being created; retry",
+                           code="unavailable", headers={"Retry-After": str(self.args.retry_after_s)})
+        except (QueueFull, IdempotencyConflict) as exc:
+            if uploads:                           # no job names them: the store drops those no other job names
+                await self._ask_store("release", sorted(uploads))
+            if isinstance(exc, QueueFull):
+                raise APIError(429, str(exc), code="queue_full",
+                               headers={"Retry-After": str(self.args.retry_after_s)})
+            raise APIError(409, str(exc), code="idempotency_conflict")
+
+    @retry(retry=retry_if_exception_type(UploadGone), stop=stop_after_attempt(UPLOAD_ATTEMPTS), reraise=True)
+    async def _store_uploads_and_create(self, uploads: dict, create: tuple) -> JobRecord:
+        """Writes the uploads (absent ones only) before the job that names them exists, then creates the
+        job; the store checks they still exist as it does (a job deleted meanwhile may have taken them:
+        UploadGone, and this runs again, up to UPLOAD_ATTEMPTS times in all)."""
+        await asyncio.to_thread(lambda: [storage.write_once(uri, data) for uri, data in uploads.items()])
+        record, _ = await self._ask_store("create", *create)
+        return record
 
     def _idempotency_key(self, request: Request) -> str:
         """The client's Idempotency-Key (scoped to its API key), or a fresh one so that this
@@ -570,19 +575,14 @@ class Ingress:
     async def _ask_store(self, method: str, *args, timeout_s: float = STORE_TIMEOUT_S):
         """A JobStore call; retried while the store restarts, 503 if it stays away."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                result = await asyncio.wait_for(getattr(self.store, method).remote(*args),
-                                                max(0.1, deadline - time.monotonic()))
-            except REPLICA_LOST:
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.25)
-            except asyncio.TimeoutError:
-                break
-            else:
-                if isinstance(result, Refusal):
-                    raise result
-                return result
-        raise APIError(503, "the job store is not answering; retry later", code="unavailable",
-                       headers={"Retry-After": str(self.args.retry_after_s)})
+        try:
+            async for attempt in riding_out_restarts(timeout_s, wait_s=0.25):
+                with attempt:
+                    result = await asyncio.wait_for(getattr(self.store, method).remote(*args),
+                                                    max(0.1, deadline - time.monotonic()))
+        except (*REPLICA_LOST, asyncio.TimeoutError):
+            raise APIError(503, "the job store is not answering; retry later", code="unavailable",
+                           headers={"Retry-After": str(self.args.retry_after_s)})
+        if isinstance(result, Refusal):
+            raise result
+        return result

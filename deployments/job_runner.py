@@ -19,6 +19,7 @@ from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, StageTimings, run_graph, run_stage
 
 from .job_book import JobRecord
+from .job_store import riding_out_restarts
 from .request_parsing import reference_policy
 from .stage_replica import DRIVER, NO_JOB, REPLICA_LOST, JobTicket
 
@@ -157,11 +158,6 @@ class JobRunner:
 
     async def _tell_store(self, method: str, *args, patience_s: float = 120.0):
         """Calls a JobStore transition, riding out a store restart (transitions are idempotent)."""
-        deadline = time.monotonic() + patience_s
-        while True:
-            try:
+        async for attempt in riding_out_restarts(patience_s, wait_s=0.5):
+            with attempt:
                 return await getattr(self.store, method).remote(*args)
-            except REPLICA_LOST:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)

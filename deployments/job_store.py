@@ -20,6 +20,7 @@ import time
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from omnireel import metrics
 
@@ -27,6 +28,15 @@ from .job_book import ACTIVE, JobBook, JobRecord, Refusal
 from .stage_replica import DRIVER, REPLICA_LOST, JobTicket
 
 logger = logging.getLogger("ray.serve")
+OFFER_WAIT_S = 0.5          # a job the runners' full queue refused is offered again this much later
+
+
+def riding_out_restarts(patience_s: float, wait_s: float) -> AsyncRetrying:
+    """The retry of a call to the JobStore (from the ingress or a runner): again every `wait_s` while
+    the store's replica is lost (it restarts; its transitions are idempotent), for up to `patience_s`;
+    then the last REPLICA_LOST error is raised. Any other error is raised at once."""
+    return AsyncRetrying(retry=retry_if_exception_type(REPLICA_LOST), stop=stop_after_delay(patience_s),
+                         wait=wait_fixed(wait_s), reraise=True)
 
 
 @serve.deployment(max_ongoing_requests=1000, health_check_period_s=2, graceful_shutdown_timeout_s=5)
@@ -169,19 +179,18 @@ class JobStore:
         """Offers the job to the JobRunner until it takes it, then waits for the runner to return."""
         if self.runner is None:
             self.runner = serve.get_deployment_handle("JobRunner", serve.get_replica_context().app_name)
-        while self.book.current(ticket) is not None:
-            try:
-                await self.runner.run.remote(ticket)
-                return
-            except BackPressureError:          # the runners' queue is full: the job waits here
-                await asyncio.sleep(0.5)
-            except REPLICA_LOST as exc:
-                await self.retry(ticket, "worker_lost", f"the JobRunner replica running the job was lost "
-                                                        f"({type(exc).__name__})")
-                return
-            except Exception as exc:
-                await self.fail(ticket, "internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                return
+        try:    # the runners' queue is full (BackPressureError): the job waits here, and is offered again
+            async for offer in AsyncRetrying(retry=retry_if_exception_type(BackPressureError),
+                                             wait=wait_fixed(OFFER_WAIT_S)):
+                with offer:
+                    if self.book.current(ticket) is None:      # cancelled or superseded meanwhile
+                        return
+                    await self.runner.run.remote(ticket)
+        except REPLICA_LOST as exc:
+            await self.retry(ticket, "worker_lost", f"the JobRunner replica running the job was lost "
+                                                    f"({type(exc).__name__})")
+        except Exception as exc:
+            await self.fail(ticket, "internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
 
     def _renew(self, job_id: str) -> None:
         self.leases[job_id] = time.monotonic() + self.args.lease_s
