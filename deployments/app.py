@@ -33,7 +33,8 @@ from .backbone import Backbone
 from .decoders import AudioDecoder, VideoDecoder
 from .encoders import MediaEncoder, TextEncoder, VoiceEncoder
 from .ingress import Ingress
-from .jobs import JobRunner, JobStore
+from .job_runner import JobRunner
+from .job_store import JobStore
 from .planner import StoryboardPlanner
 
 APP_NAME = "omnireel"

@@ -23,6 +23,9 @@ JobStore, which owns every job. Routes (shapes as in the `openai` package's type
     GET    /livez                       liveness: 200 whenever this ingress answers (asks nothing else)
     GET    /metrics                     this node's Prometheus text (Ray's endpoint; OmniReel names carry `ray_`)
 
+Every route but /healthz, /readyz, /livez and /metrics (OPEN_PATHS) needs the API key when AppArgs.api_keys
+is set: one FastAPI dependency of the whole app (require_api_key), so no route can forget it.
+
 Errors are {"error": {message, type, param, code}}: 400 bad input, 401 missing/wrong API key, 404
 unknown id (a video, a voice, or a voice bound by a create: param voices.<i>.voice_id), 409
 Idempotency-Key reuse, 413 too large, 415 content type, 429/503 with Retry-After.
@@ -49,12 +52,13 @@ from typing import Literal, Optional
 
 import av
 import ray
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from omnireel import metrics, storage
 from omnireel.checkpoint import read_config, read_digest
@@ -65,9 +69,11 @@ from omnireel.plan import PlanError, plan_request
 from omnireel.storyboard import StoryboardError, StoryboardTask, llm_unavailable, needs_llm_plan, validate_shots
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
-from .jobs import REPLICA_LOST, IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
+from .job_book import IdempotencyConflict, JobRecord, QueueFull, Refusal, UnknownCursor, UploadGone
+from .job_store import riding_out_restarts
 from .request_parsing import (APIError, VideoCreateBody, VoiceCreateBody, admit_request, parse_body, read_body,
                               reference_policy, voice_upload)
+from .stage_replica import REPLICA_LOST
 
 logger = logging.getLogger("ray.serve")
 
@@ -169,7 +175,25 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-app = FastAPI(title="OmniReel", version="0.1.0",
+OPEN_PATHS = ("/healthz", "/readyz", "/livez", "/metrics")   # probes and Prometheus's scrape: no API key
+
+
+async def require_api_key(request: Request) -> None:
+    """The one auth check: a dependency of every route of `app` but the OPEN_PATHS. 401 unless the
+    request sends `Authorization: Bearer <key>` with one of AppArgs.api_keys (none configured: open)."""
+    if getattr(request.scope.get("route"), "path", None) in OPEN_PATHS:
+        return
+    keys = serve.get_replica_context().servable_object.args.api_keys     # this replica's Ingress
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.strip(), key) for key in keys):
+        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+# App-level, so a route added later needs the key unless its path is listed in OPEN_PATHS.
+app = FastAPI(title="OmniReel", version="0.1.0", dependencies=[Depends(require_api_key)],
               description="Text/image/video/audio -> video with native audio, in the OpenAI Videos API's shapes.")
 
 
@@ -280,15 +304,13 @@ class Ingress:
 
     @app.post("/v1/videos", response_model=Video, openapi_extra=CREATE_BODY)
     async def create_video(self, request: Request) -> dict:
-        self._authorize(request)
         fields = await parse_body(request, await read_body(request, self.args.max_body_bytes))
         record = await self._create(request, fields, "video")
         return record.video()
 
     @app.get("/v1/videos", response_model=VideoList)
-    async def list_videos(self, request: Request, after: Optional[str] = None,
+    async def list_videos(self, after: Optional[str] = None,
                           limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc") -> dict:
-        self._authorize(request)
         try:
             records, has_more = await self._ask_store("listing", "video", after, limit, order)
         except UnknownCursor as exc:
@@ -298,11 +320,10 @@ class Ingress:
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
     @app.get("/v1/videos/{video_id}", response_model=Video)
-    async def retrieve_video(self, request: Request, video_id: str,
+    async def retrieve_video(self, video_id: str,
                              wait_s: float = Query(0, ge=0, le=MAX_WAIT_S, description=(
                                  "long poll (an OmniReel extension): answer as soon as the job has ended, "
                                  f"or after this many seconds (at most {MAX_WAIT_S:g}) with its state then"))) -> dict:
-        self._authorize(request)
         record = await self._video(video_id)
         if wait_s and record.active:     # answered by wait_s + WAIT_MARGIN_S even if the store is slow or away
             try:
@@ -313,9 +334,8 @@ class Ingress:
 
     @app.get("/v1/videos/{video_id}/content", response_class=Response,
              responses={200: {"content": {"video/mp4": {}, "image/png": {}}}})
-    async def download_content(self, request: Request, video_id: str,
+    async def download_content(self, video_id: str,
                                variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> Response:
-        self._authorize(request)
         record = await self._video(video_id)
         if record.status != "completed":
             raise APIError(400, f"video {video_id} has no content: its status is {record.status}",
@@ -334,8 +354,7 @@ class Ingress:
         return Response(data, media_type=media_type(record.artifact))
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
-    async def delete_video(self, request: Request, video_id: str) -> dict:
-        self._authorize(request)
+    async def delete_video(self, video_id: str) -> dict:
         await self._video(video_id)
         if await self._ask_store("delete", video_id) is None:
             raise unknown(video_id)
@@ -345,7 +364,6 @@ class Ingress:
 
     @app.post("/v1/images/generations", response_model=ImagesResponse)
     async def generate_image(self, request: Request) -> dict:
-        self._authorize(request)
         fields = await parse_body(request, await read_body(request, self.args.max_body_bytes))
         fields.pop("user", None)
         if fields.pop("n", 1) not in (1, "1"):
@@ -369,7 +387,6 @@ class Ingress:
 
     @app.post("/v1/voices", response_model=Voice, openapi_extra=VOICE_BODY)
     async def create_voice(self, request: Request) -> dict:
-        self._authorize(request)
         fields = await parse_body(request, await read_body(request, self.args.max_body_bytes))
         recording, name = voice_upload(fields, self.args)            # 413 before anything decodes it
         try:
@@ -381,22 +398,19 @@ class Ingress:
         return voice_object(voice)
 
     @app.get("/v1/voices", response_model=VoiceList)
-    async def list_voices(self, request: Request) -> dict:
-        self._authorize(request)
+    async def list_voices(self) -> dict:
         voices = await asyncio.to_thread(self.voices.list)
         return {"object": "list", "data": [voice_object(v) for v in voices]}
 
     @app.get("/v1/voices/{voice_id}", response_model=Voice)
-    async def retrieve_voice(self, request: Request, voice_id: str) -> dict:
-        self._authorize(request)
+    async def retrieve_voice(self, voice_id: str) -> dict:
         try:
             return voice_object(await asyncio.to_thread(self.voices.get, voice_id))
         except VoiceNotFound as exc:
             raise unknown_voice(exc)
 
     @app.delete("/v1/voices/{voice_id}", response_model=VoiceDeleted)
-    async def delete_voice(self, request: Request, voice_id: str) -> dict:
-        self._authorize(request)
+    async def delete_voice(self, voice_id: str) -> dict:
         try:
             await asyncio.to_thread(self.voices.delete, voice_id)
         except VoiceNotFound as exc:
@@ -406,13 +420,11 @@ class Ingress:
     # -- models, health, metrics --
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self, request: Request) -> dict:
-        self._authorize(request)
+    async def list_models(self) -> dict:
         return {"object": "list", "data": [self._model()]}
 
     @app.get("/v1/models/{model_id}", response_model=Model)
-    async def retrieve_model(self, request: Request, model_id: str) -> dict:
-        self._authorize(request)
+    async def retrieve_model(self, model_id: str) -> dict:
         if model_id != self.model_id:
             raise APIError(404, f"model {model_id!r} not found; this server serves {self.model_id!r}", param="model")
         return self._model()
@@ -503,15 +515,6 @@ class Ingress:
         return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "omnireel",
                 "family": self.family.name, "limits": self.limits.describe()}
 
-    def _authorize(self, request: Request) -> None:
-        if not self.args.api_keys:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.strip(), key)
-                                                 for key in self.args.api_keys):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
     async def _create(self, request: Request, fields: dict, kind: str) -> JobRecord:
         model = fields.pop("model", None)
         if model not in (None, "", self.model_id):
@@ -530,24 +533,27 @@ class Ingress:
             raise unknown_voice(exc)
         create = (kind, self.model_id, normalized(generation), request_key(generation, self.digest),
                   self._idempotency_key(request), sorted(uploads))
-        for _ in range(UPLOAD_ATTEMPTS):
-            # written once (absent ones only), before the job that names them exists; the store
-            # checks they still exist as it creates the job (a job deleted meanwhile may have taken them)
-            await asyncio.to_thread(lambda: [storage.write_once(uri, data) for uri, data in uploads.items()])
-            try:
-                record, _ = await self._ask_store("create", *create)
-            except UploadGone:
-                continue
-            except (QueueFull, IdempotencyConflict) as exc:
-                if uploads:                       # no job names them: the store drops those no other job names
-                    await self._ask_store("release", sorted(uploads))
-                if isinstance(exc, QueueFull):
-                    raise APIError(429, str(exc), code="queue_full",
-                                   headers={"Retry-After": str(self.args.retry_after_s)})
-                raise APIError(409, str(exc), code="idempotency_conflict")
-            return record
-        raise APIError(503, "uploads were collected while the job was being created; retry", code="unavailable",
-                       headers={"Retry-After": str(self.args.retry_after_s)})
+        try:
+            return await self._store_uploads_and_create(uploads, create)
+        except UploadGone:
+            raise APIError(503, "uploads were collected while the job was being created; retry",
+                           code="unavailable", headers={"Retry-After": str(self.args.retry_after_s)})
+        except (QueueFull, IdempotencyConflict) as exc:
+            if uploads:                           # no job names them: the store drops those no other job names
+                await self._ask_store("release", sorted(uploads))
+            if isinstance(exc, QueueFull):
+                raise APIError(429, str(exc), code="queue_full",
+                               headers={"Retry-After": str(self.args.retry_after_s)})
+            raise APIError(409, str(exc), code="idempotency_conflict")
+
+    @retry(retry=retry_if_exception_type(UploadGone), stop=stop_after_attempt(UPLOAD_ATTEMPTS), reraise=True)
+    async def _store_uploads_and_create(self, uploads: dict, create: tuple) -> JobRecord:
+        """Writes the uploads (absent ones only) before the job that names them exists, then creates the
+        job; the store checks they still exist as it does (a job deleted meanwhile may have taken them:
+        UploadGone, and this runs again, up to UPLOAD_ATTEMPTS times in all)."""
+        await asyncio.to_thread(lambda: [storage.write_once(uri, data) for uri, data in uploads.items()])
+        record, _ = await self._ask_store("create", *create)
+        return record
 
     async def _plan_storyboard(self, generation):
         """The request with the StoryboardPlanner's shots; 400 naming `storyboard` where it cannot plan it."""
@@ -584,19 +590,14 @@ class Ingress:
     async def _ask_store(self, method: str, *args, timeout_s: float = STORE_TIMEOUT_S):
         """A JobStore call; retried while the store restarts, 503 if it stays away."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                result = await asyncio.wait_for(getattr(self.store, method).remote(*args),
-                                                max(0.1, deadline - time.monotonic()))
-            except REPLICA_LOST:
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.25)
-            except asyncio.TimeoutError:
-                break
-            else:
-                if isinstance(result, Refusal):
-                    raise result
-                return result
-        raise APIError(503, "the job store is not answering; retry later", code="unavailable",
-                       headers={"Retry-After": str(self.args.retry_after_s)})
+        try:
+            async for attempt in riding_out_restarts(timeout_s, wait_s=0.25):
+                with attempt:
+                    result = await asyncio.wait_for(getattr(self.store, method).remote(*args),
+                                                    max(0.1, deadline - time.monotonic()))
+        except (*REPLICA_LOST, asyncio.TimeoutError):
+            raise APIError(503, "the job store is not answering; retry later", code="unavailable",
+                           headers={"Retry-After": str(self.args.retry_after_s)})
+        if isinstance(result, Refusal):
+            raise result
+        return result

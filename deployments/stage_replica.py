@@ -13,14 +13,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import ray
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from omnireel.checkpoint import read_config
 from omnireel.compute import ComputeThread
 from omnireel.families import get_family
+from omnireel.parallel.group import RankFailure
 from omnireel.stages import STAGE_GRAPH, StageTimings, close_components, load_components, run_stage
 
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 DRIVER = "serve"   # the `driver` label of every metric recorded by the Serve app
+# Failures that mean "a replica went away", not "this request is bad": the caller retries.
+REPLICA_LOST = (RayActorError, DeploymentUnavailableError, RankFailure)
 
 
 class JobTicket(NamedTuple):

@@ -44,7 +44,8 @@ import ray
 from omnireel import metrics, storage
 from omnireel.checkpoint import default_checkpoint, read_config, read_digest
 from omnireel.compute import ComputeThread
-from omnireel.config import GenerationRequest, canonical_json
+from omnireel.canonical import canonical_json
+from omnireel.config import GenerationRequest
 from omnireel.families import family_of
 from omnireel.parallel.group import MAX_QUEUED_JOBS, BackboneGroup
 from omnireel.parallel.inprocess import host_resources, open_backbone

@@ -36,7 +36,8 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasource, ReadTask
 
 from omnireel import storage
-from omnireel.config import GenerationRequest, canonical_json, normalized, request_key
+from omnireel.canonical import canonical_json
+from omnireel.config import GenerationRequest, normalized, request_key
 from omnireel.plan import PlanError, artifact_extension, plan_request
 from omnireel.storyboard import LLMShotPlanner, StoryboardError, StoryboardTask, needs_llm_plan, planned_shots
 

@@ -15,6 +15,8 @@ from omnireel.plan import plan_request
 from omnireel.families.omni import denoise_layout_spec
 from omnireel.stages import STAGE_GRAPH, run_stage
 
+from media_support import encode_wav
+
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 BASE = dict(prompt="waves roll onto a beach", size="32x32", fps=8, steps=3, seed=4)
 
@@ -56,7 +58,7 @@ def test_audio_driven_video_keeps_the_given_audio(tiny_engine, tmp_path, monkeyp
     t = np.arange(24000) / 24000
     tone = (0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)            # 1 s at 24 kHz
     sound = tmp_path / "tone.wav"
-    sound.write_bytes(media.encode_wav(tone, 24000))
+    sound.write_bytes(encode_wav(tone, 24000))
     request = parse_request({**BASE, "seconds": 1, "input_audio": str(sound)}, TRUSTED)
     values, layout = run_encoders(tiny_engine, request)
     given = values["media"].audio                                            # (Ca, Ta)

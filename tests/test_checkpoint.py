@@ -14,7 +14,7 @@ from torch import nn
 
 from omnireel.checkpoint import (DEMO_CHECKPOINT, default_checkpoint, init_checkpoint, load_checkpoint, read_config,
                                  read_digest, save_checkpoint, small_checkpoint)
-from omnireel.config import canonical_json
+from omnireel.canonical import canonical_json
 from omnireel.model.config import ModelConfig, preset
 from omnireel.model.omni import build_model
 

@@ -22,6 +22,8 @@ from omnireel.references import MediaReferenceError, load_frames, read_reference
 from omnireel.families.omni import denoise_layout_spec
 from omnireel.stages import STAGE_GRAPH, run_stage
 
+from media_support import encode_wav
+
 STAGES = {stage.name: stage for stage in STAGE_GRAPH}
 
 
@@ -119,7 +121,7 @@ def test_references_are_size_and_duration_checked_before_decoding(tmp_path):
     with pytest.raises(MediaReferenceError, match="must be at most 100 bytes"):
         read_reference(str(clip), max_bytes=100)                  # from the file's size, before reading it
     with pytest.raises(MediaReferenceError, match="has no video stream"):
-        load_frames(data_uri(media.encode_wav(np.zeros(800, np.float32), 8000)), 32, 32)
+        load_frames(data_uri(encode_wav(np.zeros(800, np.float32), 8000)), 32, 32)
     with pytest.raises(MediaReferenceError, match="not a readable video file"):
         load_frames(data_uri(b"\x00" * 64), 32, 32)
 
@@ -131,7 +133,7 @@ def test_cli_renders_elements_and_reference_and_reports_bad_ones(tiny_checkpoint
               "--checkpoint", str(tiny_checkpoint), "--seconds", "0.625", "--size", "32x32", "--fps", "8", "--steps", "1"])
     assert [s["type"] for s in media.probe(out.read_bytes())] == ["video", "audio"]
     wav = tmp_path / "sound.wav"
-    wav.write_bytes(media.encode_wav(np.zeros(800, np.float32), 8000))
+    wav.write_bytes(encode_wav(np.zeros(800, np.float32), 8000))
     for argv, expected in ((["--element", str(wav)], "elements.0: has no video stream"),
                            (["--reference", image, "--image"], "input_reference: not available with output 'image'"),
                            (["--reference", image, "--seconds", "0.125"], "input_reference: needs a clip of at least 2 frames")):

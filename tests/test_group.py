@@ -161,7 +161,7 @@ def test_a_killed_rank_fails_the_call_quickly_and_a_rebuilt_group_works(group, t
 
 def test_resident_bytes_per_rank_are_half_the_split_part_plus_the_replicated_part(group):
     from omnireel.model.backbone import OmniBackbone
-    from omnireel.parallel.tp import parameter_bytes_split
+    from tp_support import parameter_bytes_split
     with torch.device("meta"):
         split, replicated = parameter_bytes_split(OmniBackbone(group.config.backbone))
     assert group.resident_parameter_bytes == [split // TP + replicated] * TP

@@ -10,6 +10,8 @@ import torch
 
 from omnireel import media
 
+from media_support import encode_wav
+
 SR = 24000
 
 
@@ -86,7 +88,7 @@ def test_png_round_trip():
 
 def test_wav_round_trip():
     wave = tone(SR // 2)
-    wav = media.encode_wav(wave, SR)
+    wav = encode_wav(wave, SR)
     decoded, rate = media.decode_audio(wav)
     assert rate == SR and decoded.dtype == np.float32 and decoded.shape == wave.shape
     assert np.abs(decoded - wave).max() <= 1 / 32767

@@ -120,3 +120,16 @@ def test_key_depends_on_request_and_checkpoint():
     assert len(key) == 64 and int(key, 16) >= 0
     assert request_key(GenerationRequest(prompt="a fox", seed=1), DIGEST) != key
     assert request_key(request, "1" * 64) != key
+
+
+def test_storage_never_imports_config():
+    """The dependency goes one way: config.py validates references against storage's allow-list, so
+    storage.py (and canonical.py, which both use) must import nothing of config.py, not even lazily."""
+    import ast
+    import importlib
+
+    for name in ("omnireel.storage", "omnireel.canonical"):
+        tree = ast.parse(open(importlib.import_module(name).__file__).read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {"config", "omnireel.config"} & imported, f"{name} imports config"

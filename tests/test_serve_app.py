@@ -164,6 +164,28 @@ def test_a_missing_or_wrong_api_key_gets_401(served, key):
         openai.OpenAI(base_url=f"{served.url}/v1", api_key="sk-wrong", max_retries=0).models.list()
 
 
+def test_every_route_but_the_probes_and_metrics_needs_the_api_key(served):
+    """Each method of each path the running app documents (/openapi.json), asked without a key, gets the
+    OpenAI-shaped 401; only the probes and /metrics stay open. A route added without auth fails here."""
+    open_paths = {"/healthz", "/readyz", "/livez", "/metrics"}
+    with served.http(key=None) as http:
+        paths = http.get("/openapi.json").json()["paths"]
+        asked = 0
+        for path, methods in paths.items():
+            url = path.replace("{video_id}", "video_x").replace("{voice_id}", "voice_x").replace("{model_id}", "m")
+            assert "{" not in url, f"a new path parameter in {path}: name a value for it here"
+            for method in methods:
+                response = http.request(method.upper(), url)
+                if path in open_paths:
+                    assert response.status_code != 401, (method, path)
+                    continue
+                asked += 1
+                assert response.status_code == 401, (method, path, response.status_code, response.text)
+                assert response.json()["error"]["code"] == "invalid_api_key", (method, path)
+                assert response.headers["www-authenticate"] == "Bearer"
+    assert asked >= 12 and open_paths <= set(paths)
+
+
 def over_long_mp4() -> bytes:
     """A 3 s MP4 (the limit is 1 s) whose frame data is zeroed: only its header can be read."""
     clip = media.encode_video(np.zeros((24, 32, 32, 3), np.uint8), fps=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omnireel import storage
-from omnireel.deployments.jobs import IdempotencyConflict, JobBook, QueueFull, UploadGone
+from omnireel.deployments.job_book import IdempotencyConflict, JobBook, QueueFull, UploadGone
 from omnireel.deployments.stage_replica import JobTicket
 
 REQUEST = {"prompt": "a fox", "seconds": 0.5, "size": "32x32"}
@@ -145,3 +145,33 @@ def test_an_upload_no_job_names_is_collected_after_a_while(tmp_path, clock):
     assert jobs.collect_orphans(after_s=3600.0) == []
     assert jobs.collect_orphans(after_s=-1.0) == [orphan]
     assert storage.exists(named) and not storage.exists(orphan)
+
+
+def test_a_store_call_rides_out_a_lost_replica_and_then_raises_the_loss_itself():
+    """riding_out_restarts (the ingress's and the runner's store calls): a lost store replica is
+    retried until the call answers; past the patience the caller sees the RayActorError itself (not
+    tenacity's RetryError), and any other error is not retried at all."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from omnireel.deployments.job_store import riding_out_restarts
+
+    async def call(failures: list, patience_s: float):
+        async for attempt in riding_out_restarts(patience_s, wait_s=0.001):
+            with attempt:
+                calls.append(1)
+                if failures:
+                    raise failures.pop(0)
+                return "answered"
+
+    calls = []
+    assert asyncio.run(call([RayActorError(), RayActorError()], patience_s=60)) == "answered" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RayActorError):
+        asyncio.run(call([RayActorError()] * 10_000, patience_s=0.0))
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(QueueFull):
+        asyncio.run(call([QueueFull("full"), RayActorError()], patience_s=60))
+    assert len(calls) == 1

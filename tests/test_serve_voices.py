@@ -23,6 +23,7 @@ from omnireel import media, storage
 from omnireel.config import GenerationRequest, request_key
 from omnireel.stages import STAGE_GRAPH, run_stage
 
+from media_support import encode_wav
 from serve_support import TINY, create, psnr, served_latents, wait_done
 from voice_support import silent_wav, speak, transcode
 
@@ -226,7 +227,7 @@ def clip_mp4(frames: int = 4) -> bytes:
 
 def tone_wav(seconds: float, rate: int = 16000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
-    return media.encode_wav((0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), rate)
+    return encode_wav((0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), rate)
 
 
 @pytest.mark.parametrize("fields,param,fragment", [

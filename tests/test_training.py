@@ -7,12 +7,19 @@ from omnireel.model.audio import MelSpectrogram
 from omnireel.model.backbone import ConditionTokens
 from omnireel.model.layout import build_layout
 from omnireel.model.sampler import Guidance, sample
-from omnireel.model.training import TrainingExample, mean_loss, train
+from omnireel.model.training import TrainingExample, flow_matching_loss, train
 from omnireel.plan import language_index
 from omnireel.checkpoint import load_checkpoint
 from omnireel.families.omni import initial_noise
 
 CAPTION = "a white ball bounces across a dark floor with a clicking sound"
+
+
+@torch.no_grad()
+def mean_loss(backbone, ex: TrainingExample, samples: int = 64, seed: int = 1234) -> float:
+    """The loss averaged over a fixed set of (sigma, noise) draws: comparable before and after training."""
+    generator = torch.Generator().manual_seed(seed)
+    return sum(flow_matching_loss(backbone, ex, generator).item() for _ in range(samples)) / samples
 
 
 def synthetic_clip(frames: int, size: int) -> torch.Tensor:

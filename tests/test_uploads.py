@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from omnireel import media, storage
 from omnireel.config import normalized, parse_request, request_error_message, request_key
 from omnireel.deployments.args import AppArgs
-from omnireel.deployments.jobs import JobBook
+from omnireel.deployments.job_book import JobBook
 from omnireel.deployments.request_parsing import APIError, admit_request, reference_policy
 from omnireel.deployments.stage_replica import JobTicket
 from omnireel.stages import STAGE_GRAPH, run_graph, run_stage

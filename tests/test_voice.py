@@ -16,6 +16,7 @@ from omnireel.plan import plan_request
 from omnireel.stages import STAGE_GRAPH, run_stage
 from omnireel.voices import VoiceNotFound, VoiceRegistry, VoiceRejected
 
+from media_support import encode_wav
 from voice_support import silent_wav, speak, transcode
 
 VOICES = ("m3", "f4", "klatt")          # espeak-ng variants: the speakers
@@ -73,7 +74,7 @@ def test_recordings_as_wav_mp3_and_flac_give_the_same_voice(registry, recordings
 
 @pytest.mark.parametrize("make,reason", [
     (lambda tmp: silent_wav(3.0), "recording is silent (digital silence"),
-    (lambda tmp: media.encode_wav(np.random.default_rng(0).normal(0, 1e-4, 48000).astype(np.float32), 16000),
+    (lambda tmp: encode_wav(np.random.default_rng(0).normal(0, 1e-4, 48000).astype(np.float32), 16000),
      "recording is silent (-80 dBFS"),
     (lambda tmp: speak("Hi.", "en+m3", tmp), "recording is too short:"),
     (lambda tmp: b"this is not audio at all" * 40, "recording not a readable audio file"),

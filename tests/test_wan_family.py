@@ -95,7 +95,7 @@ def check_parity(pipe, components, plan, ours, frames: bool = True, **pipeline_i
 def test_folders_are_wan_pipelines(tiny, loaded):
     assert json.loads((tiny["t2v"] / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     assert {v: family_name(folder) for v, folder in tiny.items()} == dict.fromkeys(tiny, "wan")
-    assert family_of(tiny["i2v"]) is FAMILY and FAMILY.matches(tiny["i2v"])
+    assert family_of(tiny["i2v"]) is FAMILY
     config = loaded["t2v"][0]
     assert (config.family, config.vae_spatial_compression, config.vae_temporal_compression) == ("wan", 8, 4)
     assert (config.size_multiple, config.experts, config.default_steps, config.default_guidance) == (16, 1, 50, 5.0)

@@ -47,3 +47,31 @@ def shard_report(module, full: dict[str, torch.Tensor], rank: int, world: int,
         expected = full[name] if dim is None else full[name].chunk(world, dim)[rank]
         report[prefix + name] = (dim, local.shape == expected.shape and torch.equal(local, expected))
     return report
+
+
+def split_parameter_names(backbone) -> set[str]:
+    """Parameter names the backbone's TP plan shards (column-parallel weights and biases, row-parallel weights)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from omnireel.parallel.tp import backbone_tp_plan
+
+    names = set()
+    for path, style in backbone_tp_plan(backbone).items():
+        names.add(f"{path}.weight")
+        if isinstance(style, ColwiseParallel) and backbone.get_submodule(path).bias is not None:
+            names.add(f"{path}.bias")
+    return names
+
+
+def parameter_bytes_split(backbone) -> tuple[int, int]:
+    """(split bytes, replicated bytes) of an unsharded backbone (meta is fine): per rank under TP=N
+    the resident bytes are split / N + replicated."""
+    split_names = split_parameter_names(backbone)
+    split = replicated = 0
+    for name, p in backbone.named_parameters():
+        size = p.numel() * p.element_size()
+        if name in split_names:
+            split += size
+        else:
+            replicated += size
+    return split, replicated

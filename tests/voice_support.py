@@ -12,6 +12,8 @@ import numpy as np
 
 from omnireel import media
 
+from media_support import encode_wav
+
 
 def speak(text: str, voice: str, tmp_path: Path) -> bytes:
     """espeak-ng -> WAV bytes (22050 Hz mono)."""
@@ -38,4 +40,4 @@ def transcode(wav: bytes, codec: str, container: str, rate: int | None = None) -
 
 
 def silent_wav(seconds: float, rate: int = 16000) -> bytes:
-    return media.encode_wav(np.zeros(int(seconds * rate), np.float32), rate)
+    return encode_wav(np.zeros(int(seconds * rate), np.float32), rate)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import canonical_json
+from .canonical import canonical_json
 from .model.config import ModelConfig, preset
 from .model.omni import PARTS, OmniModel, build_model, build_part
 

@@ -10,7 +10,6 @@ import binascii
 import dataclasses
 import functools
 import hashlib
-import json
 import re
 import typing
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       model_validator)
 
+from . import storage
+from .canonical import canonical_json
 from .model.config import LANGUAGES, MAX_SHOTS
 
 MAX_PROMPT_CHARS = 2000
@@ -116,12 +117,6 @@ UNTRUSTED = ReferencePolicy()
 TRUSTED = ReferencePolicy(trusted=True)
 
 
-def canonical_json(value: Any) -> bytes:
-    """UTF-8 JSON with sorted keys and no whitespace: equal values give equal bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
-
 def _show(value: Any) -> str:
     """A number as a person writes it: 20.0 -> "20", 0.25 -> "0.25"."""
     text = repr(value)
@@ -214,8 +209,6 @@ def _check_reference(value: str, info: ValidationInfo) -> str:
     """A reference to media: a data: URI (an inline upload), an allow-listed URI, a stored upload the
     policy admits (the Serve app's, see ReferencePolicy), or (trusted callers only) a local path or
     file:// URI. Sizes of inline uploads are checked here, before decoding."""
-    from . import storage
-
     policy = (info.context or {}).get("reference_policy", UNTRUSTED)
     value = value.strip()
     if not value:

@@ -1,4 +1,4 @@
-"""Media bytes in and out, with PyAV: MP4 (H.264 + AAC), PNG, WAV, and a stream probe.
+"""Media bytes in and out, with PyAV: MP4 (H.264 + AAC), PNG, audio files in (WAV, MP3, ...), and a stream probe.
 
 Frames are numpy uint8 (T, H, W, 3) RGB; waves are numpy float32 (S,) mono in [-1, 1] (encode_audio
 also takes (2, S) stereo). Video and
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import tempfile
-import wave as wavlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -99,18 +98,6 @@ def encode_png(frame: np.ndarray) -> bytes:
     codec.width, codec.height, codec.pix_fmt = width, height, "rgb24"
     image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
     return b"".join(bytes(packet) for packet in [*codec.encode(image), *codec.encode(None)])
-
-
-def encode_wav(wave: np.ndarray, sample_rate: int) -> bytes:
-    """float32 (S,) mono in [-1, 1] -> 16-bit PCM WAV bytes."""
-    pcm = np.round(np.clip(wave, -1, 1) * 32767).astype("<i2")  # (S,) little-endian int16
-    buf = io.BytesIO()
-    with wavlib.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 def decode_video(data: bytes) -> np.ndarray:

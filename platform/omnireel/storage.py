@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from .canonical import canonical_json
+
 
 def filesystem(uri: str):
     """(fs, path) for a URI or a plain local path."""
@@ -206,7 +208,6 @@ def write_artifact(prefix: str, key: str, extension: str, data: bytes, record: d
     which gains the artifact's `key`, `uri`, `bytes` and `created`."""
     import time
 
-    from .config import canonical_json
     uri = artifact_uri(prefix, key, extension)
     write_bytes(uri, data)
     record = {**record, "key": key, "uri": uri, "bytes": len(data), "created": time.time()}

@@ -95,11 +95,6 @@ class Family:
     component_names: tuple[str, ...] = ("text_encoder", "voices", "media_encoder", "backbone", "vae",
                                         "audio_decoder")
 
-    def matches(self, checkpoint: Path) -> bool:
-        """Whether this folder is a checkpoint of this family (by the registry's one rule, families/__init__.py)."""
-        from . import family_name
-        return family_name(checkpoint) == self.name
-
     def read_config(self, checkpoint: Path):
         """The checkpoint's config; its `family` attribute is this family's name."""
         raise NotImplementedError

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .. import media
-from ..config import GenerationRequest, canonical_json
+from ..canonical import canonical_json
+from ..config import GenerationRequest
 from ..model.audio import AudioCodec, MelSpectrogram, Vocoder
 from ..model.backbone import ConditionTokens, OmniBackbone, PreparedLayout
 from ..model.config import LANGUAGES, ModelConfig

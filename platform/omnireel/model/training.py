@@ -32,13 +32,6 @@ def flow_matching_loss(backbone: OmniBackbone, ex: TrainingExample, generator: t
     return 0.5 * (F.mse_loss(pred_v, noise_v - ex.video) + F.mse_loss(pred_a, noise_a - ex.audio))
 
 
-@torch.no_grad()
-def mean_loss(backbone: OmniBackbone, ex: TrainingExample, samples: int = 64, seed: int = 1234) -> float:
-    """The loss averaged over a fixed set of (sigma, noise) draws: comparable before and after training."""
-    generator = torch.Generator().manual_seed(seed)
-    return sum(flow_matching_loss(backbone, ex, generator).item() for _ in range(samples)) / samples
-
-
 def train(backbone: OmniBackbone, ex: TrainingExample, steps: int, lr: float = 3e-3, seed: int = 0,
           caption_dropout: float = 0.0) -> list[float]:
     """AdamW with a one-cycle schedule on the backbone for `steps` steps; returns the loss per step."""

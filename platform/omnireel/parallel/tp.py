@@ -107,30 +107,6 @@ def resident_parameter_bytes(module: nn.Module) -> int:
     return sum(local_tensor(p).numel() * p.element_size() for p in module.parameters())
 
 
-def split_parameter_names(backbone: OmniBackbone) -> set[str]:
-    """Parameter names the plan shards (column-parallel weights and biases, row-parallel weights)."""
-    names = set()
-    for path, style in backbone_tp_plan(backbone).items():
-        names.add(f"{path}.weight")
-        if isinstance(style, ColwiseParallel) and backbone.get_submodule(path).bias is not None:
-            names.add(f"{path}.bias")
-    return names
-
-
-def parameter_bytes_split(backbone: OmniBackbone) -> tuple[int, int]:
-    """(split bytes, replicated bytes) of an unsharded backbone (meta is fine): per rank under TP=N
-    the resident bytes are split / N + replicated."""
-    split_names = split_parameter_names(backbone)
-    split = replicated = 0
-    for name, p in backbone.named_parameters():
-        size = p.numel() * p.element_size()
-        if name in split_names:
-            split += size
-        else:
-            replicated += size
-    return split, replicated
-
-
 class HeadShardedRMSNorm(nn.Module):
     """torch.nn.RMSNorm over the full inner dim D, for an input that holds this rank's D / N channels
     (its heads): the sum of squares is all-reduced over the mesh, the weight is a Shard(0) DTensor."""
