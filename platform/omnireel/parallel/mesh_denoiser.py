@@ -1,5 +1,5 @@
-"""A family's Denoiser on a (cfg, sp, tp) mesh rank: the TP shard (tp.py, tp_ltx2.py) on the tp
-sub-mesh, Ulysses installed on the model (sp_omni.py, sp_ltx2.py) on the sp one, and the
+"""A family's Denoiser on a (cfg, sp, tp) mesh rank: the TP shard (tp.py, tp_ltx2.py, tp_wan.py) on the tp
+sub-mesh, Ulysses installed on the model (sp_omni.py, sp_ltx2.py, sp_wan.py) on the sp one, and the
 cfg-parallel forward (cfg_parallel.py) injected into every step. prepare / finish are the family's,
 so the engine loop (stages.denoise), its sampler, progress and cancel are unchanged.
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .cfg_parallel import LTX2_ROWS, OMNI_ROWS, BatchRows, CfgParallelForward
+from .cfg_parallel import LTX2_ROWS, OMNI_ROWS, WAN_ROWS, BatchRows, CfgParallelForward
 from .mesh import BackboneMesh, MeshShape, check_mesh
 
 
@@ -34,7 +34,10 @@ def mesh_plan(family: str) -> MeshPlan:
     if family == "ltx2":
         from . import sp_ltx2
         return MeshPlan(LTX2_ROWS, sp_ltx2.attention_heads, sp_ltx2.install_sequence_parallel_ltx2)
-    raise ValueError(f"--sp and --cfg-parallel are implemented for the omni and ltx2 families, not {family!r} "
+    if family == "wan":
+        from . import sp_wan
+        return MeshPlan(WAN_ROWS, sp_wan.attention_heads, sp_wan.install_sequence_parallel_wan)
+    raise ValueError(f"--sp and --cfg-parallel are implemented for the omni, ltx2 and wan families, not {family!r} "
                      f"(it takes --tp alone)")
 
 

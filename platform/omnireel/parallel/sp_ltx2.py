@@ -21,7 +21,7 @@ anything" all-to-alls, which exchange uneven shards as they are (no padded token
 """
 from __future__ import annotations
 
-from .mesh import all_gather_rows, split_lengths
+from .mesh import all_gather_rows, split_lengths, ulysses_config
 
 SEQUENCE_PARALLEL_ATTENTIONS = ("attn1", "video_to_audio_attn")   # whose keys are the split video tokens
 VIDEO_TOKEN_DIMS = {"hidden_states": 1, "video_coords": 2, "timestep": 1, "video_keyframes_mask": 1}
@@ -31,16 +31,6 @@ def attention_heads(config) -> dict[str, int]:
     """The head counts the mesh must divide (mesh.check_mesh): the LTX2Config's or the transformer config's."""
     return {"num_attention_heads": config.num_attention_heads,
             "audio_num_attention_heads": config.audio_num_attention_heads}
-
-
-def ulysses_config(sp_mesh):
-    """diffusers' ParallelConfig for Ulysses over our 1-D sp mesh (no ring, uneven shards allowed)."""
-    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
-
-    context = ContextParallelConfig(ulysses_degree=sp_mesh.size(), ulysses_anything=True)
-    context._ulysses_mesh = sp_mesh
-    context._world_size = sp_mesh.size()
-    return ParallelConfig(context_parallel_config=context)
 
 
 def install_sequence_parallel_ltx2(transformer, sp_mesh):
