@@ -203,6 +203,23 @@ def test_the_bench_counts_each_modes_bytes_from_the_plan():
     assert single.per_step == 0
 
 
+def test_the_wan_bench_counts_its_bytes_from_the_plan():
+    """bench_mesh.wan_traffic, by hand for the tiny Wan (d = 2 x 12, patch (1, 2, 2), 16 output channels,
+    2 blocks) at a 3 x 6 x 6 latent (27 tokens), the CFG batch of 2 rows, float32."""
+    from omnireel.parallel.bench_mesh import family_step, wan_traffic
+
+    with torch.device("meta"):
+        config = family_step("wan").build("tiny").config
+    calls = [{"hidden_states": torch.empty(2, 16, 3, 6, 6, device="meta")}]
+    traffic = wan_traffic(config, calls, MeshShape(cfg=2, sp=2, tp=2), element_size=4)
+    activation = 1 * 27 / 2 * 24 * 4                             # (B_c = 1, S_s = 13.5, d) floats
+    assert traffic.tp_per_block == 3 * 2 * (1 / 2) * activation  # three ring all-reduces
+    assert traffic.sp_per_block == 4 * (1 / 2) * activation / 2  # four all-to-alls of d / tp channels in attn1
+    assert traffic.sp_gather == 1 * 27 / 2 * 64 * 4               # proj_out's 16 x 4 values per token
+    assert traffic.cfg_gather == 1 * 27 * 64 * 4
+    assert wan_traffic(config, calls, MeshShape(), 4).per_step == 0
+
+
 def test_the_bench_refuses_a_bad_mesh_in_one_line(capsys):
     import argparse
 
@@ -213,12 +230,17 @@ def test_the_bench_refuses_a_bad_mesh_in_one_line(capsys):
     add_backbone_bench_arguments(parser)
     assert run(parser.parse_args(["--preset", "tiny", "--sp", "3"])) == 2
     assert run(parser.parse_args(["--preset", "tiny", "--cfg-parallel", "4"])) == 2
+    assert run(parser.parse_args(["--family", "wan", "--preset", "tiny", "--size", "48x48", "--frames", "9",
+                                  "--sp", "2", "--tp", "2"])) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == ["omnireel: error: --sp=3 must divide the heads per tensor-parallel rank (backbone.heads=4 / "
                       "tp=1 = 4): Ulysses gives each sequence-parallel rank whole heads; sequence-parallel degrees "
                       "that fit at tp=1: [1, 2, 4]",
                       "omnireel: error: --cfg-parallel must be one of [1, 2] (got 4): a CFG batch has a conditional "
-                      "and an unconditional half"]
+                      "and an unconditional half",
+                      "omnireel: error: --sp=2 must divide the heads per tensor-parallel rank (num_attention_heads=2 / "
+                      "tp=2 = 1): Ulysses gives each sequence-parallel rank whole heads; sequence-parallel degrees "
+                      "that fit at tp=2: [1]"]
 
 
 def test_a_backbone_group_on_a_cfg2_mesh_equals_one_rank(ray_session, checkpoints, expected):

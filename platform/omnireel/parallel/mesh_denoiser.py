@@ -49,14 +49,22 @@ def check_family_mesh(family: str, config, shape: MeshShape, ranks: int | None =
     get_family(family).check_tp(config, shape.tp)
 
 
+def apply_mesh(module, mesh: BackboneMesh, family: str) -> CfgParallelForward | None:
+    """Installs the family's sequence parallel on `module` (its TP shard, or the whole model at tp=1)
+    over mesh.sp_mesh in place; -> the injected forward of a step (cfg-parallel over mesh.cfg_mesh),
+    or None at cfg=1."""
+    plan = mesh_plan(family)
+    plan.install_sp(module, mesh.sp_mesh)
+    if mesh.shape.cfg == 1:
+        return None
+    return CfgParallelForward(plan.rows, mesh.cfg_mesh.get_group(), mesh.coordinates[0], mesh.shape.cfg)
+
+
 class MeshDenoiser:
     """A Denoiser whose step runs through the mesh (base.Denoiser's contract)."""
 
-    def __init__(self, denoiser, mesh: BackboneMesh, rows: BatchRows):
-        self.denoiser, self.mesh = denoiser, mesh
-        c = mesh.coordinates[0]
-        self.forward = (CfgParallelForward(rows, mesh.cfg_mesh.get_group(), c, mesh.shape.cfg)
-                        if mesh.shape.cfg > 1 else None)
+    def __init__(self, denoiser, forward: CfgParallelForward | None):
+        self.denoiser, self.forward = denoiser, forward
 
     @property
     def module(self):
@@ -88,6 +96,4 @@ def load_mesh_denoiser(checkpoint: str | Path, mesh: BackboneMesh, device="cpu",
         denoiser = family.load_components(Path(checkpoint), {"backbone"}, device, dtype=name)["backbone"]
     if mesh.shape.cfg == 1 and mesh.shape.sp == 1:
         return denoiser                                  # TP alone: the family's denoiser as it was
-    plan = mesh_plan(family.name)
-    plan.install_sp(denoiser.module, mesh.sp_mesh)
-    return MeshDenoiser(denoiser, mesh, plan.rows)
+    return MeshDenoiser(denoiser, apply_mesh(denoiser.module, mesh, family.name))
