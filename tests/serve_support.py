@@ -185,15 +185,15 @@ def app_beside(served: Served, ray_module, name: str, route_prefix: str, args: d
 
 
 @contextmanager
-def checkpoint_app(served: Served, checkpoint: Path, name: str, root: Path):
-    """build_app on `checkpoint` (any family) at tp=1, as its own Serve application `name` at route
-    /name beside the shared one; deleted on exit."""
+def checkpoint_app(served: Served, checkpoint: Path, name: str, root: Path, **overrides):
+    """build_app on `checkpoint` (any family) at tp=1 (or the AppArgs `overrides`), as its own Serve
+    application `name` at route /name beside the shared one; deleted on exit."""
     from ray import serve
 
     from omnireel.deployments.app import build_app, wait_until_running
 
     args = {**ARGS, "tp": 1, "checkpoint": str(checkpoint), "storage_uri": str(root / "store"),
-            "voices_uri": str(root / "voices")}
+            "voices_uri": str(root / "voices"), **overrides}
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     try:
         wait_until_running(name, timeout_s=600)
