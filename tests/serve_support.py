@@ -76,6 +76,18 @@ def running_app(ray_module, checkpoint: Path, root: Path):
         serve.shutdown()
 
 
+def openai_render(served: Served, fields: dict) -> bytes:
+    """`fields` (a request: prompt, size, seconds and the extra fields) posted with the official openai
+    client, waited for until completed, and its MP4 downloaded."""
+    client = served.openai()
+    extra = {k: v for k, v in fields.items() if k not in ("prompt", "size", "seconds")}
+    video = client.videos.create(prompt=fields["prompt"], size=fields["size"], seconds=str(fields["seconds"]),
+                                 extra_body=extra)
+    with served.http() as http:
+        assert wait_done(http, video.id)["status"] == "completed"
+    return client.videos.download_content(video.id).read()
+
+
 def create(http: httpx.Client, **fields) -> dict:
     response = http.post("/v1/videos", json={"prompt": "a paper boat in the rain", **TINY, **fields})
     assert response.status_code == 200, response.text

@@ -9,7 +9,7 @@ import pytest
 from omnireel import media
 from omnireel.config import GenerationRequest
 
-from serve_support import KEY, checkpoint_app, psnr, served_latents, wait_done
+from serve_support import checkpoint_app, openai_render, psnr, served_latents
 
 APP = "mesh"
 MESH = dict(sp=2, cfg_parallel=2)      # 4 rank actors of 0.25 CPUs each (serve_support.ARGS' cpus_per_rank)
@@ -33,15 +33,7 @@ def test_the_backbone_replica_holds_one_bundle_per_mesh_rank(mesh_app):
 
 
 def test_a_job_on_the_mesh_equals_local_engine(mesh_app, tiny_engine):
-    import openai
-
-    client = openai.OpenAI(base_url=f"{mesh_app.url}/v1", api_key=KEY, max_retries=2, timeout=120)
-    extra = {k: v for k, v in FIELDS.items() if k not in ("prompt", "size", "seconds")}
-    video = client.videos.create(prompt=FIELDS["prompt"], size=FIELDS["size"], seconds=str(FIELDS["seconds"]),
-                                 extra_body=extra)
-    with mesh_app.http() as http:
-        assert wait_done(http, video.id)["status"] == "completed"
-    mp4 = client.videos.download_content(video.id).read()
+    mp4 = openai_render(mesh_app, FIELDS)
     request = GenerationRequest(**FIELDS)
     local = tiny_engine.render(request)
     served_frames, local_frames = media.decode_video(mp4), media.decode_video(local.artifact.data)

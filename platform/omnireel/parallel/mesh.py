@@ -146,3 +146,14 @@ def ulysses_config(sp_mesh):
     context._flattened_mesh = sp_mesh            # no ring: the split / gather hooks' mesh is the Ulysses one
     context._world_size = sp_mesh.size()
     return ParallelConfig(context_parallel_config=context)
+
+
+def use_ulysses_processors(blocks, names: tuple[str, ...], config) -> None:
+    """Gives the attentions `names` of every block in `blocks` a fresh diffusers processor of their own
+    type whose attention is dispatched through diffusers' Ulysses (`config`: ulysses_config's)."""
+    for block in blocks:
+        for name in names:
+            attention = getattr(block, name)
+            processor = type(attention.processor)()
+            processor._parallel_config = config
+            attention.set_processor(processor)

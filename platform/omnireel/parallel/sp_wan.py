@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .mesh import all_gather_rows, split_lengths, ulysses_config
+from .mesh import all_gather_rows, split_lengths, ulysses_config, use_ulysses_processors
 
 SEQUENCE_PARALLEL_ATTENTIONS = ("attn1",)   # whose keys are the split video tokens
 GATHERED_OUTPUT = "proj_out"                # the _cp_plan entry whose output is gathered
@@ -46,12 +46,7 @@ def install_sequence_parallel_wan(module, sp_mesh):
     config = ulysses_config(sp_mesh)
     transformers = module if isinstance(module, torch.nn.ModuleList) else [module]
     for transformer in transformers:
-        for block in transformer.blocks:
-            for name in SEQUENCE_PARALLEL_ATTENTIONS:
-                attention = getattr(block, name)
-                processor = type(attention.processor)()   # diffusers' processor, its attention dispatched
-                processor._parallel_config = config        # through diffusers' Ulysses
-                attention.set_processor(processor)
+        use_ulysses_processors(transformer.blocks, SEQUENCE_PARALLEL_ATTENTIONS, config)
         splits = {key: plan for key, plan in transformer._cp_plan.items() if key != GATHERED_OUTPUT}
         apply_context_parallel(transformer, config.context_parallel_config, splits)
         gather_video_tokens(transformer, sp_mesh)
