@@ -76,6 +76,18 @@ def running_app(ray_module, checkpoint: Path, root: Path):
         serve.shutdown()
 
 
+def openai_render(served: Served, fields: dict) -> bytes:
+    """`fields` (a request: prompt, size, seconds and the extra fields) posted with the official openai
+    client, waited for until completed, and its MP4 downloaded."""
+    client = served.openai()
+    extra = {k: v for k, v in fields.items() if k not in ("prompt", "size", "seconds")}
+    video = client.videos.create(prompt=fields["prompt"], size=fields["size"], seconds=str(fields["seconds"]),
+                                 extra_body=extra)
+    with served.http() as http:
+        assert wait_done(http, video.id)["status"] == "completed"
+    return client.videos.download_content(video.id).read()
+
+
 def create(http: httpx.Client, **fields) -> dict:
     response = http.post("/v1/videos", json={"prompt": "a paper boat in the rain", **TINY, **fields})
     assert response.status_code == 200, response.text
@@ -185,15 +197,15 @@ def app_beside(served: Served, ray_module, name: str, route_prefix: str, args: d
 
 
 @contextmanager
-def checkpoint_app(served: Served, checkpoint: Path, name: str, root: Path):
-    """build_app on `checkpoint` (any family) at tp=1, as its own Serve application `name` at route
-    /name beside the shared one; deleted on exit."""
+def checkpoint_app(served: Served, checkpoint: Path, name: str, root: Path, **overrides):
+    """build_app on `checkpoint` (any family) at tp=1 (or the AppArgs `overrides`), as its own Serve
+    application `name` at route /name beside the shared one; deleted on exit."""
     from ray import serve
 
     from omnireel.deployments.app import build_app, wait_until_running
 
     args = {**ARGS, "tp": 1, "checkpoint": str(checkpoint), "storage_uri": str(root / "store"),
-            "voices_uri": str(root / "voices")}
+            "voices_uri": str(root / "voices"), **overrides}
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     try:
         wait_until_running(name, timeout_s=600)

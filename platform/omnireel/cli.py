@@ -206,13 +206,13 @@ def train_command(args) -> None:
 def add_backbone_bench_arguments(parser) -> None:
     """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py."""
     parser.add_argument("--family", default="omni", choices=("omni", "ltx2", "wan"),
-                        help="model family: omni (presets tiny, small, wan14b) or ltx2 (presets real, tiny)")
-    parser.add_argument("--preset", default="small", help="model preset (omni: tiny, small, wan14b; ltx2: real, tiny)")
-    parser.add_argument("--size", default="768x512", help="ltx2: WIDTHxHEIGHT of the clip (default 768x512)")
-    parser.add_argument("--frames", type=int, default=121, help="ltx2: frames of the clip (default 121)")
+                        help="model family: omni (presets tiny, small, wan14b), ltx2 (presets real, tiny) or wan (presets tiny, cpu)")
+    parser.add_argument("--preset", default="small", help="model preset (omni: tiny, small, wan14b; ltx2: real, tiny; wan: tiny, cpu)")
+    parser.add_argument("--size", default="768x512", help="ltx2, wan: WIDTHxHEIGHT of the clip (default 768x512)")
+    parser.add_argument("--frames", type=int, default=121, help="ltx2, wan: frames of the clip (default 121)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    parser.add_argument("--sp", type=int, default=1, help="omni: sequence-parallel (Ulysses) ranks")
-    parser.add_argument("--cfg-parallel", type=int, default=1, help="omni: CFG-parallel ranks (1 or 2)")
+    parser.add_argument("--sp", type=int, default=1, help="sequence-parallel (Ulysses) ranks")
+    parser.add_argument("--cfg-parallel", type=int, default=1, help="CFG-parallel ranks (1 or 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")
     parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))

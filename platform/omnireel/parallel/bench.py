@@ -15,6 +15,7 @@ import math
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +107,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, barrier=None, call=None):
-    """Runs 1 warm-up + `steps` guided steps (the model called as `call`, default `backbone`);
-    returns (median seconds per step, last velocities, L)."""
-    spec = synthetic_spec(tokens)
-    prep = backbone.prepare(build_layout(spec, backbone.cfg), device)
-    video, audio, cond = synthetic_inputs(backbone.cfg, spec, device, dtype)
-    guidance = Guidance(video=5.0, audio=4.0)
+def time_calls(step, steps: int, device, barrier=None):
+    """Runs 1 warm-up + `steps` calls of `step()` (a tuple of tensors); returns (median seconds per
+    call, the last call's tensors as float32 on the CPU)."""
     times = []
     with torch.inference_mode():
         for i in range(steps + 1):
@@ -120,11 +117,23 @@ def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, b
                 barrier()
             _sync(device)
             start = time.perf_counter()
-            out = guided_velocity(call or backbone, video, audio, 0.5, cond, prep, guidance)
+            out = step()
             _sync(device)
             if i:
                 times.append(time.perf_counter() - start)
-    return statistics.median(times), tuple(t.float().cpu() for t in out), prep.layout.length
+    return statistics.median(times), tuple(t.float().cpu() for t in out)
+
+
+def time_steps(backbone: OmniBackbone, tokens: int, steps: int, device, dtype, barrier=None, call=None):
+    """Runs 1 warm-up + `steps` guided steps (the model called as `call`, default `backbone`);
+    returns (median seconds per step, last velocities, L)."""
+    spec = synthetic_spec(tokens)
+    prep = backbone.prepare(build_layout(spec, backbone.cfg), device)
+    video, audio, cond = synthetic_inputs(backbone.cfg, spec, device, dtype)
+    guidance = Guidance(video=5.0, audio=4.0)
+    step_s, out = time_calls(lambda: guided_velocity(call or backbone, video, audio, 0.5, cond, prep, guidance),
+                             steps, device, barrier)
+    return step_s, out, prep.layout.length
 
 
 def _device_for(rank: int) -> torch.device:
@@ -141,9 +150,9 @@ def load_tp_shard(checkpoint: str, world: int, device, dtype: torch.dtype):
     return backbone, backbone
 
 
-def _rank_main(rank: int, world: int, port: int, checkpoint: str, tokens: int, steps: int, dtype: str,
-               threads: int, out_dir: str, load=load_tp_shard) -> None:
-    """One bench rank: join the group, `load(checkpoint, world, device, dtype)`, time the steps."""
+@contextmanager
+def joined_group(rank: int, world: int, port: int, threads: int):
+    """A bench rank's process group (gloo on the CPU, NCCL on its GPU) -> its device."""
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
@@ -153,13 +162,31 @@ def _rank_main(rank: int, world: int, port: int, checkpoint: str, tokens: int, s
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
     try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free local port for the ranks' rendezvous (released just before the ranks bind it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, checkpoint: str, tokens: int, steps: int, dtype: str,
+               threads: int, out_dir: str, load=load_tp_shard) -> None:
+    """One bench rank: join the group, `load(checkpoint, world, device, dtype)`, time the steps."""
+    import torch.distributed as dist
+
+    with joined_group(rank, world, port, threads) as device:
         backbone, call = load(checkpoint, world, device, DTYPES[dtype])
         step_s, out, length = time_steps(backbone, tokens, steps, device, DTYPES[dtype], barrier=dist.barrier,
                                          call=call)
         if rank == 0:
             torch.save({"step_s": step_s, "out": out, "length": length}, Path(out_dir) / "rank0.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _write_backbone_checkpoint(backbone: OmniBackbone, config_name: str, directory: Path) -> None:
@@ -201,8 +228,6 @@ def bench_backbone(preset_name: str = "tiny", tp: int = 1, steps: int = 5, token
 
 def _bench_tp(preset_name: str, cfg: BackboneConfig, tp: int, steps: int, tokens: int, dtype: str,
               check_parity: bool):
-    import socket
-
     import torch.multiprocessing as mp
 
     from .tp import check_tp_degree
@@ -213,11 +238,8 @@ def _bench_tp(preset_name: str, cfg: BackboneConfig, tp: int, steps: int, tokens
     backbone = seeded_backbone(cfg)
     with tempfile.TemporaryDirectory(prefix="omnireel-bench-") as tmp:
         _write_backbone_checkpoint(backbone, preset_name, Path(tmp))
-        with socket.socket() as s:   # a free port for the rendezvous (released just before the ranks bind it)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         threads = max(1, torch.get_num_threads() // tp) if not torch.cuda.is_available() else torch.get_num_threads()
-        mp.spawn(_rank_main, args=(tp, port, tmp, tokens, steps, dtype, threads, tmp), nprocs=tp, join=True)
+        mp.spawn(_rank_main, args=(tp, free_port(), tmp, tokens, steps, dtype, threads, tmp), nprocs=tp, join=True)
         rank0 = torch.load(Path(tmp) / "rank0.pt")
     parity = None
     if check_parity:
@@ -256,37 +278,54 @@ def run_mesh(args) -> int:
 
 
 def run_ltx2(args) -> int:
-    """`--family ltx2`: FLOPs per step of diffusers' LTX-2 transformer, and its time on a GPU."""
+    """`--family ltx2`: FLOPs per step of diffusers' LTX-2 transformer, and its time on a GPU; with
+    --tp / --sp / --cfg-parallel, its step on a mesh."""
     from .bench_ltx2 import LTX2StepShape
     from .bench_ltx2 import run as run_bench
 
     if args.preset not in ("real", "tiny"):
         raise ValueError(f"--preset: the ltx2 family has presets real and tiny (got {args.preset!r})")
-    if args.tp != 1 or getattr(args, "sp", 1) != 1 or getattr(args, "cfg_parallel", 1) != 1:
-        raise ValueError("--tp / --sp / --cfg-parallel: the ltx2 step benchmark runs one rank")
     width, _, height = args.size.partition("x")
     if not (width.isdigit() and height.isdigit()) or int(width) % 32 or int(height) % 32 or not int(width) * int(height):
         raise ValueError(f'--size: must be "WxH" with sides multiples of 32, e.g. 768x512 (got {args.size!r})')
     if args.frames < 1 or (args.frames - 1) % 8:
         raise ValueError(f"--frames: must be 1 + 8k, e.g. 121 (got {args.frames})")
+    if mesh_flags(args):
+        return run_family_mesh("ltx2", args, int(width), int(height))
     shape = LTX2StepShape(width=int(width), height=int(height), frames=args.frames)
     print("\n".join(run_bench(args.preset, shape, args.steps)), flush=True)
     return 0
 
 
+def mesh_flags(args) -> bool:
+    return args.tp != 1 or getattr(args, "sp", 1) != 1 or getattr(args, "cfg_parallel", 1) != 1
+
+
+def run_family_mesh(family: str, args, width: int, height: int) -> int:
+    """`--family ltx2|wan` with --tp / --sp / --cfg-parallel: its step on a (cfg, sp, tp) mesh (bench_mesh.py)."""
+    from .bench_mesh import bench_family_mesh
+    from .mesh import MeshShape
+
+    shape = MeshShape(cfg=args.cfg_parallel, sp=args.sp, tp=args.tp)
+    print("\n".join(bench_family_mesh(family, args.preset, shape, width, height, args.frames, args.steps, args.dtype,
+                                      args.check_parity)), flush=True)
+    return 0
+
+
 def run_wan(args) -> int:
-    """`--family wan`: WanDenoiser.step against diffusers' WanTransformer3DModel forward alone, on the CPU."""
+    """`--family wan`: WanDenoiser.step against diffusers' WanTransformer3DModel forward alone, on the CPU;
+    with --tp / --sp / --cfg-parallel, its step on a mesh."""
     from .bench_wan import PRESETS
     from .bench_wan import run as run_bench
 
     if args.preset not in PRESETS:
         raise ValueError(f"--preset: the wan family has presets {', '.join(PRESETS)} (got {args.preset!r})")
-    if args.tp != 1 or getattr(args, "sp", 1) != 1 or getattr(args, "cfg_parallel", 1) != 1:
-        raise ValueError("--tp / --sp / --cfg-parallel: the wan step benchmark runs one rank")
     width, _, height = args.size.partition("x")
     if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16 or not int(width) * int(height):
         raise ValueError(f'--size: must be "WxH" with sides multiples of 16, e.g. 320x192 (got {args.size!r})')
     if args.frames < 1 or (args.frames - 1) % 4:
         raise ValueError(f"--frames: must be 1 + 4k, e.g. 9 (got {args.frames})")
+    if mesh_flags(args):
+        return run_family_mesh("wan", args, int(width), int(height))
     print("\n".join(run_bench(args.preset, int(width), int(height), args.frames, args.steps)), flush=True)
     return 0

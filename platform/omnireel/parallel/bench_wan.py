@@ -35,24 +35,37 @@ def wan_config(model, steps: int):
                      max_sequence_length=512, scheduler=json.dumps({}), default_steps=steps, default_guidance=1.0)
 
 
-def run(preset: str, width: int, height: int, frames: int, steps: int) -> list[str]:
-    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
-    from diffusers.utils import logging
+def step_state(model, width: int, height: int, frames: int, steps: int, guidance: float = 1.0, seed: int = 0):
+    """(WanDenoiser around `model`, its plan, a prepared state) for a `width`x`height`, `frames`-frame
+    clip of `steps` sampler steps: the pipeline's noise and random text rows (seeded; with guidance > 1
+    the CFG batch [negative, prompt], B = 2)."""
+    from diffusers import UniPCMultistepScheduler
 
     from ..config import GenerationRequest
     from ..families.wan import WanDenoiser, plan_wan
     from ..stages import TextEmbeddings
 
-    logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**PRESETS[preset]).eval()
     config = wan_config(model, steps)
     denoiser = WanDenoiser([model], UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                             flow_shift=3.0), config)
     plan = plan_wan(GenerationRequest(prompt="bench", size=f"{width}x{height}", fps=16, seconds=frames / 16,
-                                      steps=2 * steps + 2, guidance_video=1.0), config)
-    text = TextEmbeddings(captions=[torch.randn(config.max_sequence_length, config.text_dim)])
-    state = denoiser.prepare(plan, text, None, None)
+                                      steps=steps, guidance_video=guidance), config)
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 if guidance > 1.0 else 1
+    text = TextEmbeddings(captions=[torch.randn(config.max_sequence_length, config.text_dim, generator=g)
+                                    for _ in range(rows)])
+    return denoiser, plan, denoiser.prepare(plan, text, None, None)
+
+
+def run(preset: str, width: int, height: int, frames: int, steps: int) -> list[str]:
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**PRESETS[preset]).eval()
+    denoiser, plan, state = step_state(model, width, height, frames, 2 * steps + 2)
+    config = denoiser.config
     step_times, forward_times = [], []
     for i in range(steps + 1):                       # the first round is a warm-up
         t = state.timesteps[state.done]

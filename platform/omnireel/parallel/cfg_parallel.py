@@ -1,5 +1,5 @@
 """CFG-parallel: the rows of one model call (the CFG batch: [cond, uncond] for omni, [negative,
-prompt] for LTX-2) are run by different `cfg` ranks and gathered, through the Denoiser's injected
+prompt] for LTX-2 and Wan) are run by different `cfg` ranks and gathered, through the Denoiser's injected
 `forward(module, *args, **kwargs)` (families/base.py), so the sampler around it is unchanged.
 
     B rows, cfg ranks: rank c runs rows [c * ceil(B / cfg), ...) (the last rank's share padded by
@@ -35,6 +35,7 @@ LTX2_ROWS = BatchRows(names=("hidden_states", "audio_hidden_states", "encoder_hi
                              "audio_encoder_hidden_states", "timestep", "audio_timestep", "sigma", "audio_sigma",
                              "encoder_attention_mask", "audio_encoder_attention_mask", "video_coords",
                              "audio_coords"))
+WAN_ROWS = BatchRows(names=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"))
 
 
 def take_rows(value, index: torch.Tensor):

@@ -133,3 +133,27 @@ def all_gather_rows(t: torch.Tensor, group, lengths: list[int], dim: int = 0) ->
     parts = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths)], dim)
+
+
+def ulysses_config(sp_mesh):
+    """diffusers' ParallelConfig for Ulysses over our 1-D sp mesh (no ring, uneven shards allowed):
+    what a diffusers attention processor's `_parallel_config` takes, and (its context_parallel_config)
+    what diffusers' context-parallel split / gather hooks take."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    context = ContextParallelConfig(ulysses_degree=sp_mesh.size(), ulysses_anything=True)
+    context._ulysses_mesh = sp_mesh
+    context._flattened_mesh = sp_mesh            # no ring: the split / gather hooks' mesh is the Ulysses one
+    context._world_size = sp_mesh.size()
+    return ParallelConfig(context_parallel_config=context)
+
+
+def use_ulysses_processors(blocks, names: tuple[str, ...], config) -> None:
+    """Gives the attentions `names` of every block in `blocks` a fresh diffusers processor of their own
+    type whose attention is dispatched through diffusers' Ulysses (`config`: ulysses_config's)."""
+    for block in blocks:
+        for name in names:
+            attention = getattr(block, name)
+            processor = type(attention.processor)()
+            processor._parallel_config = config
+            attention.set_processor(processor)

@@ -1,5 +1,5 @@
-"""A family's Denoiser on a (cfg, sp, tp) mesh rank: the TP shard (tp.py, tp_ltx2.py) on the tp
-sub-mesh, Ulysses installed on the model (sp_omni.py, sp_ltx2.py) on the sp one, and the
+"""A family's Denoiser on a (cfg, sp, tp) mesh rank: the TP shard (tp.py, tp_ltx2.py, tp_wan.py) on the tp
+sub-mesh, Ulysses installed on the model (sp_omni.py, sp_ltx2.py, sp_wan.py) on the sp one, and the
 cfg-parallel forward (cfg_parallel.py) injected into every step. prepare / finish are the family's,
 so the engine loop (stages.denoise), its sampler, progress and cancel are unchanged.
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .cfg_parallel import LTX2_ROWS, OMNI_ROWS, BatchRows, CfgParallelForward
+from .cfg_parallel import LTX2_ROWS, OMNI_ROWS, WAN_ROWS, BatchRows, CfgParallelForward
 from .mesh import BackboneMesh, MeshShape, check_mesh
 
 
@@ -34,7 +34,10 @@ def mesh_plan(family: str) -> MeshPlan:
     if family == "ltx2":
         from . import sp_ltx2
         return MeshPlan(LTX2_ROWS, sp_ltx2.attention_heads, sp_ltx2.install_sequence_parallel_ltx2)
-    raise ValueError(f"--sp and --cfg-parallel are implemented for the omni and ltx2 families, not {family!r} "
+    if family == "wan":
+        from . import sp_wan
+        return MeshPlan(WAN_ROWS, sp_wan.attention_heads, sp_wan.install_sequence_parallel_wan)
+    raise ValueError(f"--sp and --cfg-parallel are implemented for the omni, ltx2 and wan families, not {family!r} "
                      f"(it takes --tp alone)")
 
 
@@ -46,14 +49,22 @@ def check_family_mesh(family: str, config, shape: MeshShape, ranks: int | None =
     get_family(family).check_tp(config, shape.tp)
 
 
+def apply_mesh(module, mesh: BackboneMesh, family: str) -> CfgParallelForward | None:
+    """Installs the family's sequence parallel on `module` (its TP shard, or the whole model at tp=1)
+    over mesh.sp_mesh in place; -> the injected forward of a step (cfg-parallel over mesh.cfg_mesh),
+    or None at cfg=1."""
+    plan = mesh_plan(family)
+    plan.install_sp(module, mesh.sp_mesh)
+    if mesh.shape.cfg == 1:
+        return None
+    return CfgParallelForward(plan.rows, mesh.cfg_mesh.get_group(), mesh.coordinates[0], mesh.shape.cfg)
+
+
 class MeshDenoiser:
     """A Denoiser whose step runs through the mesh (base.Denoiser's contract)."""
 
-    def __init__(self, denoiser, mesh: BackboneMesh, rows: BatchRows):
-        self.denoiser, self.mesh = denoiser, mesh
-        c = mesh.coordinates[0]
-        self.forward = (CfgParallelForward(rows, mesh.cfg_mesh.get_group(), c, mesh.shape.cfg)
-                        if mesh.shape.cfg > 1 else None)
+    def __init__(self, denoiser, forward: CfgParallelForward | None):
+        self.denoiser, self.forward = denoiser, forward
 
     @property
     def module(self):
@@ -85,6 +96,4 @@ def load_mesh_denoiser(checkpoint: str | Path, mesh: BackboneMesh, device="cpu",
         denoiser = family.load_components(Path(checkpoint), {"backbone"}, device, dtype=name)["backbone"]
     if mesh.shape.cfg == 1 and mesh.shape.sp == 1:
         return denoiser                                  # TP alone: the family's denoiser as it was
-    plan = mesh_plan(family.name)
-    plan.install_sp(denoiser.module, mesh.sp_mesh)
-    return MeshDenoiser(denoiser, mesh, plan.rows)
+    return MeshDenoiser(denoiser, apply_mesh(denoiser.module, mesh, family.name))

@@ -21,7 +21,7 @@ anything" all-to-alls, which exchange uneven shards as they are (no padded token
 """
 from __future__ import annotations
 
-from .mesh import all_gather_rows, split_lengths
+from .mesh import all_gather_rows, split_lengths, ulysses_config, use_ulysses_processors
 
 SEQUENCE_PARALLEL_ATTENTIONS = ("attn1", "video_to_audio_attn")   # whose keys are the split video tokens
 VIDEO_TOKEN_DIMS = {"hidden_states": 1, "video_coords": 2, "timestep": 1, "video_keyframes_mask": 1}
@@ -33,28 +33,13 @@ def attention_heads(config) -> dict[str, int]:
             "audio_num_attention_heads": config.audio_num_attention_heads}
 
 
-def ulysses_config(sp_mesh):
-    """diffusers' ParallelConfig for Ulysses over our 1-D sp mesh (no ring, uneven shards allowed)."""
-    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
-
-    context = ContextParallelConfig(ulysses_degree=sp_mesh.size(), ulysses_anything=True)
-    context._ulysses_mesh = sp_mesh
-    context._world_size = sp_mesh.size()
-    return ParallelConfig(context_parallel_config=context)
-
-
 def install_sequence_parallel_ltx2(transformer, sp_mesh):
     """Splits `transformer`'s video tokens over the 1-D `sp_mesh` in place (processors and hooks)."""
     size = sp_mesh.size()
     if size == 1:
         return transformer
     rank, group, config = sp_mesh.get_local_rank(), sp_mesh.get_group(), ulysses_config(sp_mesh)
-    for block in transformer.transformer_blocks:
-        for name in SEQUENCE_PARALLEL_ATTENTIONS:
-            attention = getattr(block, name)
-            processor = type(attention.processor)()       # diffusers' processor, its attention dispatched
-            processor._parallel_config = config            # through diffusers' Ulysses
-            attention.set_processor(processor)
+    use_ulysses_processors(transformer.transformer_blocks, SEQUENCE_PARALLEL_ATTENTIONS, config)
     lengths = []
 
     def shard(module, args, kwargs):
