@@ -119,15 +119,16 @@ def shot_latent_starts(shot_seconds: list[float], fps: int, latent_frames: int) 
 
 def storyboard_shots(request: GenerationRequest) -> list[Shot]:
     """The request's shots: its own, else its storyboard planner's (see storyboard.py). The rules
-    planner runs here; an LLM storyboard must have been planned at admission
-    (storyboard.resolve_storyboard), so a request still asking for one is refused, naming the field."""
+    planner runs here; an LLM storyboard must have been planned at admission (the Serve
+    StoryboardPlanner, the batch planner pool, the CLI's own planner: storyboard.py), so a request
+    still asking for one is refused, naming the field."""
     if not plans_shots(request):
         return list(request.shots)
     if request.storyboard == "llm":
         reason = llm_unavailable()
         raise PlanError("storyboard", reason.split(": ", 1)[1] if reason else
-                        "'llm' storyboards are planned once, when the request is accepted "
-                        "(storyboard.resolve_storyboard), before the request is planned")
+                        "'llm' storyboards are planned once, by the storyboard planner, when the "
+                        "request is accepted; this request reached planning without its shots")
     try:
         shots = plan_shots_rules(request.prompt, request.seconds, fps=request.fps)
     except StoryboardError as e:

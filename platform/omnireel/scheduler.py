@@ -20,10 +20,11 @@ job whose prepare, step or finish raises fails alone: when a batched step raises
 not advance is stepped alone once, so the error lands on the job that caused it.
 
 How much a step batches is the family's: the omni denoiser packs every job's rows into one
-forward (families/omni.py); LTX-2's and Wan's step their states one by one inside the same call
-(correct, not faster; batching their transformers is a later step). `max_batch_tokens` counts a
-state's `tokens` (the omni state's layout length x CFG rows; 0 for a family whose state has none,
-which `max_batch_jobs` alone bounds). A job larger than `max_batch_tokens` still runs, alone.
+forward (families/omni.py); LTX-2's and Wan's stack the transformer calls of their jobs that agree
+in guidance branch, expert and token shape into one call, rows on the batch dimension
+(families/stacked_calls.py). `max_batch_tokens` counts a state's `tokens` (omni: layout length x CFG
+rows; LTX-2: video + audio tokens x branch rows; Wan: video tokens x CFG rows; 0 for a state that has
+none, which `max_batch_jobs` alone bounds). A job larger than `max_batch_tokens` still runs, alone.
 max_batch_jobs = 1 turns batching off: one job at a time, in arrival order.
 """
 from __future__ import annotations
