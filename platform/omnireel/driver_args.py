@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+DEFAULT_MAX_BATCH_JOBS = 8          # a backbone's batch bounds (scheduler.py takes them from here)
+DEFAULT_MAX_BATCH_TOKENS = 32768
 
 
 class DriverArgs(BaseModel):
@@ -42,11 +44,11 @@ class DriverArgs(BaseModel):
         "nice value of each replica's, actor's and rank's compute thread (Ray starts workers at 15; "
         "below that needs CAP_SYS_NICE, else it stays at 15); none: leave it as Ray set it"))
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs of each backbone rank")
-    max_batch_jobs: int = Field(8, ge=1, description=(
+    max_batch_jobs: int = Field(DEFAULT_MAX_BATCH_JOBS, ge=1, description=(
         "jobs one backbone (a Serve Backbone replica, a batch denoise actor; above tp=1 its group's rank 0) "
         "denoises together, joining and leaving the batch at step boundaries (omnireel/scheduler.py); 1 "
         "turns batching off; a Backbone replica's max_ongoing_requests is twice this"))
-    max_batch_tokens: int = Field(32768, ge=1, description=(
+    max_batch_tokens: int = Field(DEFAULT_MAX_BATCH_TOKENS, ge=1, description=(
         "tokens (layout length x CFG rows) of one batched step; a larger job runs alone"))
     voices_uri: Optional[str] = Field(None, json_schema_extra={"flag": "--voice-store"}, description=(
         "voice registry, shared with `omnireel voices` (default $OMNIREEL_VOICES, else $OMNIREEL_HOME/voices)"))

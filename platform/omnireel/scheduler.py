@@ -38,10 +38,9 @@ from typing import Any, Callable
 
 import torch
 
+from .driver_args import DEFAULT_MAX_BATCH_JOBS, DEFAULT_MAX_BATCH_TOKENS   # the args' defaults, written once
 from .model.sampler import Cancelled
 
-DEFAULT_MAX_BATCH_JOBS = 8
-DEFAULT_MAX_BATCH_TOKENS = 32768
 RECENT_STEPS = 1024            # StepRecords kept (DenoiseScheduler.recent_steps)
 logger = logging.getLogger(__name__)
 
