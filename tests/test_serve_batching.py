@@ -1,9 +1,12 @@
 """One Backbone replica batches, at tp=1 (on itself) and at tp=2 (on its group's rank 0, gloo): four
 jobs of different sizes, seeds, step counts and guidance, sent at different times as concurrent
-`run` calls, join one running batch and each returns its LocalEngine latents (within 1e-4); a fifth,
-cancelled by its caller mid-batch, leaves at the next step while the others complete. The replica is
+`run` calls, join one running batch and each returns its LocalEngine latents (within 1e-4); two long
+ones, running before the others come and cancelled by their caller mid-batch, leave at the next step
+while the others complete. The replica is
 its own small Serve app beside the shared one."""
 from __future__ import annotations
+
+import time
 
 import pytest
 from batching_support import JOBS, LONG, PARITY, denoise_inputs, expected_latents, max_difference
@@ -13,13 +16,14 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.exceptions import RequestCancelledError  # noqa: E402
 
-from omnireel.deployments.app import bind_stage_deployment, wait_until_running  # noqa: E402
+from omnireel.deployments.app import bind_stage_deployment, wait_until_running as wait_until_app_running  # noqa: E402
 from omnireel.deployments.args import AppArgs  # noqa: E402
 from omnireel.deployments.backbone import Backbone  # noqa: E402
 from omnireel.deployments.stage_replica import NO_JOB  # noqa: E402
 from omnireel.stages import BACKBONE_STAGE  # noqa: E402
 
 APP = "batching"
+SECOND_LONG = LONG.model_copy(update={"seed": 6})
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
@@ -32,7 +36,7 @@ def backbone(request, served, tiny_checkpoint):
     serve.run(bind_stage_deployment(Backbone, BACKBONE_STAGE, args, None), name=APP, route_prefix=None,
               blocking=False)
     try:
-        wait_until_running(APP, timeout_s=600)
+        wait_until_app_running(APP, timeout_s=600)
         yield serve.get_deployment_handle("Backbone", APP)
     finally:
         serve.delete(APP)
@@ -40,28 +44,37 @@ def backbone(request, served, tiny_checkpoint):
 
 def test_concurrent_jobs_join_one_batch_each_equal_to_local_engine_and_a_cancelled_one_leaves(backbone,
                                                                                               tiny_engine):
-    inputs = [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
+    inputs = [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG, SECOND_LONG)]
     expected = [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
 
     def run(x):
         return backbone.run.remote(BACKBONE_STAGE.name, NO_JOB, *x)
 
-    long_job = run(inputs[4])
-    first = run(inputs[0])
-    results = {0: first.result(timeout_s=300)}           # job 0 done: the long one still runs
-    later = {1: run(inputs[1]), 2: run(inputs[2])}        # join the long job's batch
+    long_jobs = [run(inputs[4]), run(inputs[5])]
+    wait_until_running(backbone, 2)                       # both long jobs step: every later job joins them
+    results = {0: run(inputs[0]).result(timeout_s=300)}
+    later = {1: run(inputs[1]), 2: run(inputs[2])}
     results[1] = later[1].result(timeout_s=300)
-    long_job.cancel()                                      # leaves at the next step boundary
+    for long_job in long_jobs:
+        long_job.cancel()                                  # leaves at the next step boundary
     later[3] = run(inputs[3])
     results.update({i: later[i].result(timeout_s=300) for i in (2, 3)})
-    with pytest.raises(RequestCancelledError):
-        long_job.result(timeout_s=300)
+    for long_job in long_jobs:
+        with pytest.raises(RequestCancelledError):
+            long_job.result(timeout_s=300)
 
     for i, latents in enumerate(expected):
         assert max_difference(results[i], latents) <= PARITY, JOBS[i]
     state = backbone.batching.remote().result()
     steps = state["recent_steps"][1:]                      # after the warm-up: two one-step jobs, one step
-                                                           # (at tp=2 two, if the second came a step late)
     assert state["running"] == state["waiting"] == 0
-    assert max(jobs for jobs, _ in steps) >= 3             # jobs ran together
-    assert sum(jobs for jobs, _ in steps) < sum(r.steps for r in JOBS) + LONG.steps   # the long job stopped
+    assert max(jobs for jobs, _ in steps) >= 3             # jobs ran together: job 0 with both long ones
+    assert sum(jobs for jobs, _ in steps) < sum(r.steps for r in JOBS) + 2 * LONG.steps   # the long jobs stopped
+
+
+def wait_until_running(backbone, jobs: int, timeout_s: float = 120.0):
+    """Poll the replica's scheduler until `jobs` jobs are running (they were submitted, not timed)."""
+    deadline = time.monotonic() + timeout_s
+    while backbone.batching.remote().result()["running"] < jobs:
+        assert time.monotonic() < deadline, f"{jobs} jobs never ran together"
+        time.sleep(0.01)
