@@ -22,6 +22,13 @@ GET /v1/videos/{id}?wait_s=60 (a long poll: answered when the job ends; --poll-s
 until completed, GET .../content; every job has its own seed, so no
 artifact is reused. On a 2-core machine the concurrency figures show contention, not scaling.
 
+CPU per job: during each jobs/minute run, the CPU seconds of every process of the local cluster (by
+deployment of the app under test, the proxy, the client, the rest), per job, batching off and on.
+Where the machine's cores are the limit, this says where a job's cost is, and the "denoise bound"
+(total / (total - Backbone)) is the most any batching of the denoiser could give end to end.
+`--threads` above 1 gives every replica an OpenMP team: on a machine with fewer cores than replicas
+x threads its spin-waits show up here as compute stages' CPU.
+
 Per stage (default request): each stage deployment called alone through its handle with
 LocalEngine's inputs, against the same stage in this process (so one Serve hop is included), to
 show where the served path loses time. `--set ARG=VALUE` overrides a build_app arg as `omnireel serve
@@ -43,6 +50,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -71,6 +79,37 @@ def http_job(url: str, body: dict, poll_s: float = 0.0) -> float:
             raise RuntimeError(f"job failed: {video['error']}")
         http.get(f"/v1/videos/{video['id']}/content").raise_for_status()
     return time.perf_counter() - start
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (what it is, user + system CPU seconds so far) of this process and every process under
+    it: the local Ray cluster ray.init started (GCS, raylet, Serve's controller, proxy and replicas)."""
+    me = psutil.Process()
+    out = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            title = " ".join(process.cmdline()) or process.name()
+            times = process.cpu_times()
+        except psutil.Error:                  # ended since the listing
+            continue
+        out[process.pid] = ("client" if process.pid == me.pid else title, times.user + times.system)
+    return out
+
+
+def cpu_by_deployment(before: dict, after: dict, app: str) -> dict[str, float]:
+    """CPU seconds spent between two cpu_seconds_by_process snapshots, by `app`'s deployment (from
+    the replicas' process titles, ray::ServeReplica:APP:NAME or NAME.method while a call runs), the
+    rest as client / proxy / other."""
+    spent: dict[str, float] = {}
+    for pid, (title, seconds) in after.items():
+        prefix = f"ray::ServeReplica:{app}:"
+        name = (title[len(prefix):].split()[0].split(".")[0] if title.startswith(prefix) else   # NAME.method
+                "proxy" if title.startswith("ray::ProxyActor") else
+                "client" if title == "client" else
+                None if title.startswith("ray::ServeReplica:") else "other")   # the other app: idle
+        if name:
+            spent[name] = spent.get(name, 0.0) + seconds - before.get(pid, (title, 0.0))[1]
+    return spent
 
 
 def stage_by_stage(engine, request, repeats: int) -> dict[str, tuple[float, float]]:
@@ -187,7 +226,7 @@ def main() -> None:
 
     from ray import serve
 
-    batched, unbatched, batch_sizes = {}, {}, {}
+    batched, unbatched, batch_sizes, cpu_per_job = {}, {}, {}, {}
     apps = {"off": f"{url}/unbatched", "on": url}
     backbone, steps_seen = serve.get_deployment_handle("Backbone", APP_NAME), [0]
 
@@ -203,10 +242,17 @@ def main() -> None:
     new_steps()
     for concurrency in concurrencies:       # off, on, on, off, ...: both see the same machine load
         totals = {"off": [0, 0.0], "on": [0, 0.0]}
+        cpu = {"off": {}, "on": {}}
         for mode in ["off", "on", "on", "off"] * (options.rounds // 2) + ["off", "on"] * (options.rounds % 2):
+            before = cpu_seconds_by_process()
             jobs, seconds = timed_jobs(apps[mode], concurrency)
+            spent = cpu_by_deployment(before, cpu_seconds_by_process(), APP_NAME if mode == "on" else UNBATCHED_APP)
             totals[mode][0] += jobs
             totals[mode][1] += seconds
+            for name, cpu_s in spent.items():
+                cpu[mode][name] = cpu[mode].get(name, 0.0) + cpu_s
+        cpu_per_job[concurrency] = {mode: {name: cpu_s / totals[mode][0] for name, cpu_s in cpu[mode].items()}
+                                    for mode in cpu}
         unbatched[concurrency], batched[concurrency] = (60 * totals[m][0] / totals[m][1] for m in ("off", "on"))
         batch_sizes[concurrency] = new_steps()
 
@@ -233,6 +279,15 @@ def main() -> None:
               for c in concurrencies))
     print("  mean jobs per denoising step, batching on: " + ", ".join(
         f"concurrency {c}: {sum(sizes) / max(1, len(sizes)):.2f}" for c, sizes in batch_sizes.items()))
+    print(f"CPU milliseconds per job (all processes of the local cluster, {os.cpu_count()} cores), batching off / on; "
+          "'denoise bound': the most batching could give if denoising cost nothing (total / (total - Backbone)):")
+    for c, modes in cpu_per_job.items():
+        names = sorted(modes["off"], key=lambda n: -modes["off"][n])
+        total = {mode: sum(modes[mode].values()) for mode in modes}
+        bound = total["off"] / max(1e-9, total["off"] - modes["off"].get("Backbone", 0.0))
+        print(f"  concurrency {c}: total {1000 * total['off']:.0f} / {1000 * total['on']:.0f}, " + ", ".join(
+            f"{n} {1000 * modes['off'][n]:.0f} / {1000 * modes['on'].get(n, 0.0):.0f}" for n in names)
+              + f"; denoise bound {bound:.2f}x")
     serve.shutdown()
     ray.shutdown()
     sys.stdout.flush()
