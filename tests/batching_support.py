@@ -4,6 +4,9 @@ denoised in a batch: shared by the scheduler, the group and the Backbone replica
 `inputs` and `expected` fixtures are imported by the modules that use them)."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import pytest
 
 from omnireel.config import GenerationRequest, Shot
@@ -21,6 +24,7 @@ JOBS = (
 )
 LONG = GenerationRequest(prompt="a long slow pan", size="32x32", seconds=0.5, fps=8, seed=5, steps=100)
 """A job to cancel mid-batch: far from done when the others are."""
+SECOND_LONG = LONG.model_copy(update={"seed": 6})
 
 
 def denoise_inputs(engine, request: GenerationRequest) -> tuple:
@@ -54,3 +58,12 @@ def inputs(tiny_engine):
 def expected(tiny_engine, inputs):
     """LocalEngine's latents for each of JOBS."""
     return [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
+
+
+def wait_until_running(batching: Callable[[], dict], jobs: int, timeout_s: float = 120.0) -> None:
+    """Polls a scheduler's summary (`batching()`: a replica's or a group's) until `jobs` jobs are
+    running (they were submitted, not timed)."""
+    deadline = time.monotonic() + timeout_s
+    while batching()["running"] < jobs:
+        assert time.monotonic() < deadline, f"{jobs} jobs never ran together"
+        time.sleep(0.01)

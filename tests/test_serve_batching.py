@@ -6,10 +6,9 @@ while the others complete. The replica is
 its own small Serve app beside the shared one."""
 from __future__ import annotations
 
-import time
-
 import pytest
-from batching_support import JOBS, LONG, PARITY, denoise_inputs, expected_latents, max_difference
+from batching_support import (JOBS, LONG, PARITY, SECOND_LONG, denoise_inputs, expected_latents, max_difference,
+                              wait_until_running)
 
 ray = pytest.importorskip("ray")
 
@@ -23,7 +22,6 @@ from omnireel.deployments.stage_replica import NO_JOB  # noqa: E402
 from omnireel.stages import BACKBONE_STAGE  # noqa: E402
 
 APP = "batching"
-SECOND_LONG = LONG.model_copy(update={"seed": 6})
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
@@ -51,7 +49,7 @@ def test_concurrent_jobs_join_one_batch_each_equal_to_local_engine_and_a_cancell
         return backbone.run.remote(BACKBONE_STAGE.name, NO_JOB, *x)
 
     long_jobs = [run(inputs[4]), run(inputs[5])]
-    wait_until_running(backbone, 2)                       # both long jobs step: every later job joins them
+    wait_until_running(lambda: backbone.batching.remote().result(), 2)   # both long ones step: later jobs join
     results = {0: run(inputs[0]).result(timeout_s=300)}
     later = {1: run(inputs[1]), 2: run(inputs[2])}
     results[1] = later[1].result(timeout_s=300)
@@ -71,10 +69,3 @@ def test_concurrent_jobs_join_one_batch_each_equal_to_local_engine_and_a_cancell
     assert max(jobs for jobs, _ in steps) >= 3             # jobs ran together: job 0 with both long ones
     assert sum(jobs for jobs, _ in steps) < sum(r.steps for r in JOBS) + 2 * LONG.steps   # the long jobs stopped
 
-
-def wait_until_running(backbone, jobs: int, timeout_s: float = 120.0):
-    """Poll the replica's scheduler until `jobs` jobs are running (they were submitted, not timed)."""
-    deadline = time.monotonic() + timeout_s
-    while backbone.batching.remote().result()["running"] < jobs:
-        assert time.monotonic() < deadline, f"{jobs} jobs never ran together"
-        time.sleep(0.01)

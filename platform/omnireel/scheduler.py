@@ -80,6 +80,7 @@ class DenoiseScheduler:
         self.max_batch_jobs, self.max_batch_tokens = max_batch_jobs, max_batch_tokens
         self.driver = driver
         self.recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS)   # newest last
+        self.isolated_steps = 0        # steps that raised, so each of their jobs was stepped alone
         self.waiting: deque[DenoiseTask] = deque()
         self.running: list[DenoiseTask] = []
         self._lock = threading.Lock()
@@ -102,9 +103,11 @@ class DenoiseScheduler:
             return True
 
     def summary(self) -> dict:
-        """Jobs running and waiting, and the recent steps as (jobs, tokens), oldest first (any thread)."""
+        """Jobs running and waiting, the recent steps as (jobs, tokens), oldest first, and how many
+        steps raised and were rerun job by job (any thread)."""
         return {"running": len(self.running), "waiting": len(self.waiting),
-                "recent_steps": [(step.jobs, step.tokens) for step in list(self.recent_steps)]}
+                "recent_steps": [(step.jobs, step.tokens) for step in list(self.recent_steps)],
+                "isolated_steps": self.isolated_steps}
 
     def drive(self, executor) -> None:
         """Starts run_until_idle on `executor` (the host's compute thread: anything with submit(fn) ->
@@ -138,6 +141,8 @@ class DenoiseScheduler:
         try:
             self.denoiser.step([task.state for task in batch])
         except Exception:
+            self.isolated_steps += 1
+            logger.warning("a step of %d jobs raised; stepping each alone", len(batch), exc_info=True)
             for task, done in zip(batch, before):     # isolate the failure: each job not advanced, alone
                 if task.state.done == done:
                     self._guard(task, lambda t=task: self.denoiser.step([t.state]))

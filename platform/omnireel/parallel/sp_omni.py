@@ -33,23 +33,28 @@ def attention_heads(config) -> dict[str, int]:
     return {"backbone.heads": config.backbone.heads}
 
 
-def shard_spans(spans, start: int, stop: int) -> tuple[slice, ...]:
-    """Weight-group spans (contiguous, in order, covering [0, L)) -> their parts in [start, stop),
-    relative to start."""
+def shard_spans(spans, start: int, stop: int) -> tuple:
+    """Weight groups' tokens -> their parts in [start, stop), relative to start. A single layout's
+    groups are spans (contiguous, in order, covering [0, L)); a packed batch's (PackedLayout.groups)
+    are index tensors, each kept to its indices in range."""
+    if not isinstance(spans[0], slice):
+        return tuple(index[(index >= start) & (index < stop)] - start for index in spans)
     return tuple(slice(min(max(s.start, start), stop) - start, min(max(s.stop, start), stop) - start) for s in spans)
 
 
 class SequenceShard:
     """This rank's token range of the sequence a forward is running, and what the blocks need for it
-    (computed once per PreparedLayout, so once per job, not per step)."""
+    (computed once per PreparedLayout, so once per job, or once per packed step, not per block)."""
 
     def __init__(self, rank: int, size: int):
         self.rank, self.size = rank, size
         self._prep = None
 
-    def update(self, prep: PreparedLayout, group_spans) -> None:
+    def update(self, prep, group_spans) -> None:
+        """prep: the forward's PreparedLayout, or PackedLayout (several jobs' rows as one sequence)."""
         if prep is self._prep:
             return
+        self._prep = None                     # until every field below is this prep's
         tokens = prep.timestep.shape[0]
         self.lengths = split_lengths(tokens, self.size)
         self.start = sum(self.lengths[:self.rank])
