@@ -14,7 +14,7 @@ from test_tp import denoise_inputs as omni_inputs
 from test_tp_ltx2 import denoise_inputs as ltx2_inputs
 from test_tp_wan import denoise_inputs as wan_tp_inputs
 from tp_support import gloo_rank, spawn_ranks
-from wan_support import ROBOT, build_tiny_wan
+from tiny_wan import ROBOT, build_tiny_wan
 
 from omnireel.config import GenerationRequest
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from batching_support import JOBS, LONG, PARITY, denoise_inputs, expected_latents, max_difference
+from batching_support import JOBS, LONG, PARITY, expected_latents, max_difference
 
 ray = pytest.importorskip("ray")
 
@@ -44,7 +44,7 @@ def backbone(request, served, tiny_checkpoint):
 
 def test_concurrent_jobs_join_one_batch_each_equal_to_local_engine_and_a_cancelled_one_leaves(backbone,
                                                                                               tiny_engine):
-    inputs = [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG, SECOND_LONG)]
+    inputs = [tiny_engine.denoise_inputs(request) for request in (*JOBS, LONG, SECOND_LONG)]
     expected = [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
 
     def run(x):
