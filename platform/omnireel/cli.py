@@ -211,7 +211,7 @@ def train_command(args) -> None:
 
 def add_backbone_bench_arguments(parser) -> None:
     """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py; the mesh and the dtype
-    are DriverArgs' fields (a flag left out: the field's default; dtype None: float32, bfloat16 on a GPU)."""
+    are DriverArgs' fields (a flag left out: the field's default; dtype None: float32)."""
     from .driver_args import DriverArgs, add_flags
     parser.add_argument("--family", default="omni", choices=("omni", "ltx2", "wan"),
                         help="model family: omni (presets tiny, small, wan14b), ltx2 (presets real, tiny) or wan (presets tiny, cpu)")

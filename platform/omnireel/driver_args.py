@@ -41,7 +41,8 @@ class DriverArgs(BaseModel):
         "torch threads of every stage replica or actor and every rank (default: Ray's, its CPUs); "
         "`omnireel render`: of its one process (default: torch's)"))
     dtype: Optional[DTYPES] = Field(None, description=(
-        "float type of the model components (default: as stored; bfloat16 on GPUs)"))
+        "float type of the model components (default: as stored; bfloat16 on GPUs; `omnireel bench "
+        "backbone`'s seeded weights: float32)"))
     compute_niceness: Optional[int] = Field(0, ge=-20, le=19, description=(
         "nice value of each replica's, actor's and rank's compute thread (Ray starts workers at 15; "
         "below that needs CAP_SYS_NICE, else it stays at 15); none: leave it as Ray set it"))
