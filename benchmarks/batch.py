@@ -12,6 +12,10 @@ on, on, off (--repeats pairs) on one Ray, each into a fresh output, and each fig
     python benchmarks/batch.py [--preset tiny|small] [--rows 8] [--size 64x64] [--seconds 1] [--steps 4]
                                [--replicas 1] [--tp 1] [--batch-jobs 8] [--repeats 1] [--cpus 4]
                                [--threads N] [--compute-niceness N|none]
+
+--tp, --replicas, --threads and --compute-niceness are `omnireel batch`'s own flags (BatchOptions'
+fields: the same help, limits and one-line errors); --threads left out is this process's torch
+threads, in the sequential loop and in every pool actor alike.
     python benchmarks/batch.py --validate-only --rows 100000 [--compare 10000] [--cpus 4]
 
 --validate-only triages a generated manifest of tiny rows (a tenth too narrow, a tenth repeating an
@@ -38,35 +42,37 @@ import torch
 
 from omnireel import storage
 from omnireel.checkpoint import init_checkpoint
+from omnireel.cli import OneLineParser
 from omnireel.config import GenerationRequest
+from omnireel.driver_args import add_flags
 from omnireel.engine import LocalEngine
 from omnireel.pipelines.render import BatchOptions, run_batch
 
+BATCH_FLAGS = ("tp", "replicas", "threads", "compute_niceness")   # BatchOptions' fields, as `omnireel batch` flags
 PROMPTS = ["a red kite over a green hill", "a paper boat in the rain", "a fox in the snow",
            "waves on a beach at dusk", "a train crossing a bridge", "a candle in a dark room"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0],
+                           epilog="Here --threads left out is this process's torch threads, in the sequential "
+                                  "loop and every pool actor alike.")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--size", default="64x64")
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
+    add_flags(parser, BatchOptions, BATCH_FLAGS, defaults=True)
     parser.add_argument("--batch-jobs", type=int, default=8, help="max_batch_jobs of the batching-on runs")
     parser.add_argument("--repeats", type=int, default=1, help="(off, on, on, off) sequences to run")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
-    parser.add_argument("--compute-niceness", default="0",
-                        help="nice value of the pool actors' compute threads, or 'none' (Ray's 15)")
     parser.add_argument("--validate-only", action="store_true",
                         help="print the driver's peak RSS triaging --rows and --compare rows, rendering nothing")
     parser.add_argument("--compare", type=int, help="with --validate-only: the shorter manifest (default rows / 10)")
     parser.add_argument("--driver", nargs=2, metavar=("MANIFEST", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.threads = args.threads or torch.get_num_threads()           # the same threads in every driver
     torch.set_num_threads(args.threads)
     if args.driver:
         return validate_driver(*args.driver, args.cpus)
@@ -98,10 +104,8 @@ def main() -> None:
     for k, max_batch_jobs in enumerate([1, args.batch_jobs, args.batch_jobs, 1] * args.repeats):
         start = time.perf_counter()                   # pipeline: validation, actor start-up, rendering, outputs
         summary = run_batch(manifest, str(work / f"pipeline-{k}"), str(checkpoint),
-                            BatchOptions(tp=args.tp, replicas=args.replicas, threads=args.threads,
-                                         max_batch_jobs=max_batch_jobs,
-                                         compute_niceness=None if args.compute_niceness == "none"
-                                         else int(args.compute_niceness)))
+                            BatchOptions(**{name: getattr(args, name) for name in BATCH_FLAGS},
+                                         max_batch_jobs=max_batch_jobs))
         runs[max_batch_jobs].append((time.perf_counter() - start, summary))
         assert summary.rendered == args.rows, summary
     ray.shutdown()

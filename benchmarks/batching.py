@@ -5,9 +5,10 @@ side by side.
     python benchmarks/batching.py [--family omni|ltx2|wan] [--jobs 8] [--repeats 3] [--threads 2]
                                   [--size WxH] [--seconds S] [--fps N] [--steps 4]
 
-The jobs' inputs (text, voice, media) are made once by LocalEngine's stages on a fresh tiny
-checkpoint of the family (omni: the `tiny` preset; ltx2 / wan: the tests' tiny random diffusers
-folders, tests/ltx2_support.py and tests/wan_support.py), or on --checkpoint; off and on alternate,
+The jobs' inputs (text, voice, media) are made once by LocalEngine's stages (denoise_inputs) on a
+fresh tiny checkpoint of the family (omni: the `tiny` preset; ltx2 / wan: the tiny random diffusers
+folders of benchmarks/tiny_ltx2.py and benchmarks/tiny_wan.py, the tests' too), or on --checkpoint;
+off and on alternate,
 each repeated --repeats times (medians). Each family's default request is its smallest tiny one.
 This is the ceiling step-level batching can give the served path, where the other stages' time
 and the jobs' arrival (one at a time through single-replica encoders) bound the batch size.
@@ -17,30 +18,28 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # batching_support, the tiny folders
 
+import tiny_ltx2  # noqa: E402  (beside this script)
+import tiny_wan  # noqa: E402
 import torch  # noqa: E402
 
 # family -> (prompt its tiny tokenizer knows, size, seconds, fps): the smallest request of its tiny checkpoint
 REQUESTS = {"omni": ("a paper boat drifting down a rainy street", "32x32", 0.5, 8),
-            "ltx2": ("a robot dancing in the rain", "64x64", 9 / 24, 24),
-            "wan": ("a robot dancing in the rain", "32x32", 9 / 16, 16)}
+            **{family: tuple(module.ROBOT[key] for key in ("prompt", "size", "seconds", "fps"))
+               for family, module in (("ltx2", tiny_ltx2), ("wan", tiny_wan))}}
 
 
 def tiny_checkpoint(family: str, directory: str) -> str:
     """A fresh tiny checkpoint of `family` under `directory`."""
     if family == "ltx2":
-        from ltx2_support import build_tiny_ltx2
-        return str(build_tiny_ltx2(Path(directory) / "tiny-ltx2"))
+        return str(tiny_ltx2.build_tiny_ltx2(Path(directory) / "tiny-ltx2"))
     if family == "wan":
-        from wan_support import build_tiny_wan
-        return str(build_tiny_wan(Path(directory) / "tiny-wan"))
+        return str(tiny_wan.build_tiny_wan(Path(directory) / "tiny-wan"))
     from omnireel.checkpoint import init_checkpoint
     path = os.path.join(directory, "tiny")
     init_checkpoint("tiny", path, seed=0)
@@ -61,8 +60,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     options = parser.parse_args()
 
-    from batching_support import denoise_inputs
-
     from omnireel.config import GenerationRequest
     from omnireel.engine import LocalEngine
     from omnireel.scheduler import DenoiseScheduler
@@ -73,8 +70,8 @@ def main() -> None:
     engine = LocalEngine(checkpoint)
     prompt, size, length, fps = REQUESTS[engine.family.name]
     size, length, fps = options.size or size, options.seconds or length, options.fps or fps
-    inputs = [denoise_inputs(engine, GenerationRequest(prompt=prompt, size=size, seconds=length, fps=fps,
-                                                       steps=options.steps, seed=seed))
+    inputs = [engine.denoise_inputs(GenerationRequest(prompt=prompt, size=size, seconds=length, fps=fps,
+                                                      steps=options.steps, seed=seed))
               for seed in range(options.jobs)]
     denoiser = engine.components["backbone"]
 

@@ -1,6 +1,6 @@
 """Four denoise jobs of different sizes, seeds, step counts, guidance and shot counts, their inputs
-made by LocalEngine's own stages, and the LocalEngine latents each must equal (within 1e-4) when
-denoised in a batch: shared by the scheduler, the group and the Backbone replica tests (the
+made by LocalEngine's own stages (LocalEngine.denoise_inputs), and the LocalEngine latents each must
+equal (within 1e-4) when denoised in a batch: shared by the scheduler, the group and the Backbone replica tests (the
 `inputs` and `expected` fixtures are imported by the modules that use them)."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Callable
 import pytest
 
 from omnireel.config import GenerationRequest, Shot
-from omnireel.stages import STAGE_GRAPH, run_graph, run_stage
 
 PARITY = 1e-4           # "equal to LocalEngine" (DESIGN.md §2)
 JOBS = (
@@ -25,15 +24,6 @@ JOBS = (
 LONG = GenerationRequest(prompt="a long slow pan", size="32x32", seconds=0.5, fps=8, seed=5, steps=100)
 """A job to cancel mid-batch: far from done when the others are."""
 SECOND_LONG = LONG.model_copy(update={"seed": 6})
-
-
-def denoise_inputs(engine, request: GenerationRequest) -> tuple:
-    """(plan, text, voice, media): the denoise stage's inputs for `request`, by LocalEngine's stages."""
-    def call(stage, inputs):
-        return run_stage(stage, engine.components, dict(zip(stage.inputs, inputs)))
-
-    values = run_graph(STAGE_GRAPH, {"plan": engine.plan(request)}, call, until="media")
-    return tuple(values[name] for name in next(s for s in STAGE_GRAPH if s.on_backbone).inputs)
 
 
 def expected_latents(engine, inputs: tuple):
@@ -51,7 +41,7 @@ def max_difference(found, expected) -> float:
 @pytest.fixture(scope="module")
 def inputs(tiny_engine):
     """The denoise inputs of JOBS and LONG, in that order (a test module imports this fixture)."""
-    return [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG)]
+    return [tiny_engine.denoise_inputs(request) for request in (*JOBS, LONG)]
 
 
 @pytest.fixture(scope="module")

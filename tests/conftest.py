@@ -3,11 +3,16 @@ session, fixed thread count."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A batch whose pools cannot be placed fails in 5 minutes, naming the operators, not in Ray's 30.
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
+
+# benchmarks/' helper modules (tiny_ltx2, tiny_wan: the tiny random diffusers folders), after tests/ own
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,23 +31,24 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ltx2_checkpoint(tmp_path_factory):
-    """A tiny random LTX-2 diffusers folder (tests/ltx2_support.py), built once."""
-    from ltx2_support import build_tiny_ltx2
+    """A tiny random LTX-2 diffusers folder (benchmarks/tiny_ltx2.py), built once."""
+    from tiny_ltx2 import build_tiny_ltx2
     return build_tiny_ltx2(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2")
 
 
 @pytest.fixture(scope="session")
 def wan_checkpoint(tmp_path_factory):
-    """A tiny random Wan 2.1 text-to-video diffusers folder (tests/wan_support.py), built once."""
-    from wan_support import build_tiny_wan
+    """A tiny random Wan 2.1 text-to-video diffusers folder (benchmarks/tiny_wan.py), built once."""
+    from tiny_wan import build_tiny_wan
     return build_tiny_wan(tmp_path_factory.mktemp("wan") / "tiny-wan")
 
 
 @pytest.fixture(scope="session")
 def ltx2_robot_reference(ltx2_checkpoint):
-    """LTX2Pipeline's own (pipe, video, audio) latents for ltx2_support.ROBOT: what the Serve and the
+    """LTX2Pipeline's own (pipe, video, audio) latents for tiny_ltx2.ROBOT: what the Serve and the
     batch tests compare the served and rendered latents with."""
-    from ltx2_support import ROBOT, reference_latents
+    from ltx2_support import reference_latents
+    from tiny_ltx2 import ROBOT
 
     from omnireel.config import GenerationRequest
     return reference_latents(ltx2_checkpoint, GenerationRequest(**ROBOT))

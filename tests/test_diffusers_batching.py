@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from batching_support import PARITY, denoise_inputs, expected_latents, max_difference
+from batching_support import PARITY, expected_latents, max_difference
 
 from omnireel.config import GenerationRequest
 from omnireel.engine import LocalEngine
@@ -65,7 +65,7 @@ def family_run(request, ltx2_checkpoint, wan_checkpoint):
     torch.set_num_threads(2)
     scenario = SCENARIOS[request.param]
     engine = LocalEngine({"ltx2": ltx2_checkpoint, "wan": wan_checkpoint}[request.param])
-    inputs = [denoise_inputs(engine, r) for r in (*scenario.jobs, scenario.long)]
+    inputs = [engine.denoise_inputs(r) for r in (*scenario.jobs, scenario.long)]
     expected = [expected_latents(engine, x) for x in inputs[:len(scenario.jobs)]]
     return scenario, engine, inputs, expected
 
@@ -140,7 +140,7 @@ def test_a_job_whose_call_fails_leaves_the_batch_and_the_others_complete(family_
 @pytest.fixture(scope="module")
 def wan_variants(tmp_path_factory):
     """LocalEngines on tiny Wan 2.2 A14B (two experts) and TI2V-5B (a timestep per token) folders."""
-    from wan_support import build_tiny_wan
+    from tiny_wan import build_tiny_wan
 
     root = tmp_path_factory.mktemp("wan-batching")
     return {variant: LocalEngine(build_tiny_wan(root / variant, variant)) for variant in ("a14b", "ti2v")}
@@ -150,7 +150,7 @@ def test_wan_jobs_on_different_experts_make_separate_calls_and_each_equals_its_s
     """A14B: job 0 on the low-noise expert while jobs 1 and 2 (one with CFG off) start on the high-noise one."""
     engine = wan_variants["a14b"]
     denoiser = engine.components["backbone"]
-    inputs = [denoise_inputs(engine, wan_request("32x32", seed, 2, **guidance))
+    inputs = [engine.denoise_inputs(wan_request("32x32", seed, 2, **guidance))
               for seed, guidance in ((1, {}), (2, {}), (3, {"guidance_video": 1.0}))]
     expected = [expected_latents(engine, x) for x in inputs]
     scheduler = DenoiseScheduler(denoiser)
@@ -179,7 +179,7 @@ def test_wan_jobs_with_per_token_timesteps_stack_and_each_equals_its_solo_run(wa
     image = "data:image/png;base64," + base64.b64encode(media.encode_png(pixels)).decode()
     requests = [wan_request("32x32", 1, 3, input_reference=image), wan_request("32x32", 2, 2),
                 wan_request("32x32", 3, 2, input_reference=image, guidance_video=1.0)]
-    inputs = [denoise_inputs(engine, r) for r in requests]
+    inputs = [engine.denoise_inputs(r) for r in requests]
     expected = [expected_latents(engine, x) for x in inputs]
     denoiser = engine.components["backbone"]
     scheduler = DenoiseScheduler(denoiser)

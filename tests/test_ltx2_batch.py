@@ -4,7 +4,8 @@ land in the errors file naming the field."""
 from __future__ import annotations
 
 import pytest
-from ltx2_support import ROBOT, denormalized
+from ltx2_support import denormalized
+from tiny_ltx2 import ROBOT
 
 from omnireel import media, storage
 

@@ -1,4 +1,4 @@
-"""The LTX-2 family against diffusers' own pipelines, on a tiny random checkpoint (tests/ltx2_support.py).
+"""The LTX-2 family against diffusers' own pipelines, on a tiny random checkpoint (benchmarks/tiny_ltx2.py).
 
 Parity (DESIGN.md §3b): the family's stages and its denoiser's prepare / step / finish loop give
 LTX2Pipeline's latents within 1e-4 for the same prompt, seed, steps, size, frames, fps and guidance,
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from ltx2_support import build_tiny_ltx2, denormalized, pipeline_arguments
+from ltx2_support import denormalized, pipeline_arguments
+from tiny_ltx2 import build_tiny_ltx2
 
 from omnireel import media
 from omnireel.config import GenerationRequest

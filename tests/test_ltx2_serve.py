@@ -5,7 +5,8 @@ family cannot honor is a 400 naming the field."""
 from __future__ import annotations
 
 import pytest
-from ltx2_support import ROBOT, denormalized
+from ltx2_support import denormalized
+from tiny_ltx2 import ROBOT
 
 from omnireel import media
 from omnireel.config import GenerationRequest

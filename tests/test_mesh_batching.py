@@ -10,8 +10,7 @@ rank while the others complete. cfg2 x sp2 covers both axes in one group of four
 from __future__ import annotations
 
 import pytest
-from batching_support import (JOBS, LONG, PARITY, SECOND_LONG, denoise_inputs, expected_latents, max_difference,
-                              wait_until_running)
+from batching_support import JOBS, LONG, PARITY, SECOND_LONG, expected_latents, max_difference, wait_until_running
 
 ray = pytest.importorskip("ray")
 
@@ -42,7 +41,7 @@ def family(request, ray_session, tiny_checkpoint, tiny_engine, wan_checkpoint):
     else:
         checkpoint, engine = wan_checkpoint, LocalEngine(wan_checkpoint)
         jobs, longs = wan_jobs()
-    inputs = [denoise_inputs(engine, r) for r in (*jobs, *longs)]
+    inputs = [engine.denoise_inputs(r) for r in (*jobs, *longs)]
     expected = [expected_latents(engine, x) for x in inputs[:len(jobs)]]
     group = BackboneGroup(checkpoint, MESH.tp, mesh=MESH, threads=RANK_THREADS, cpus_per_rank=RANK_CPUS,
                           pg_timeout_s=30.0, niceness=RANK_NICENESS, max_batch_jobs=8)

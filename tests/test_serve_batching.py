@@ -7,8 +7,7 @@ its own small Serve app beside the shared one."""
 from __future__ import annotations
 
 import pytest
-from batching_support import (JOBS, LONG, PARITY, SECOND_LONG, denoise_inputs, expected_latents, max_difference,
-                              wait_until_running)
+from batching_support import JOBS, LONG, PARITY, SECOND_LONG, expected_latents, max_difference, wait_until_running
 
 ray = pytest.importorskip("ray")
 
@@ -42,7 +41,7 @@ def backbone(request, served, tiny_checkpoint):
 
 def test_concurrent_jobs_join_one_batch_each_equal_to_local_engine_and_a_cancelled_one_leaves(backbone,
                                                                                               tiny_engine):
-    inputs = [denoise_inputs(tiny_engine, request) for request in (*JOBS, LONG, SECOND_LONG)]
+    inputs = [tiny_engine.denoise_inputs(request) for request in (*JOBS, LONG, SECOND_LONG)]
     expected = [expected_latents(tiny_engine, x) for x in inputs[:len(JOBS)]]
 
     def run(x):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from ltx2_support import build_tiny_ltx2
+from tiny_ltx2 import build_tiny_ltx2
 from tp_support import gloo_rank, shard_report, spawn_ranks
 
 from omnireel.config import GenerationRequest

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from tp_support import gloo_rank, shard_report, spawn_ranks
-from wan_support import ROBOT, build_tiny_wan
+from tiny_wan import ROBOT, build_tiny_wan
 
 from omnireel.config import GenerationRequest
 from omnireel.families.wan import FAMILY

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from wan_support import ROBOT
+from tiny_wan import ROBOT
 
 from omnireel import media, storage
 from omnireel.config import GenerationRequest

@@ -1,4 +1,4 @@
-"""The Wan family against diffusers' own pipelines, on tiny random checkpoints (tests/wan_support.py).
+"""The Wan family against diffusers' own pipelines, on tiny random checkpoints (benchmarks/tiny_wan.py).
 
 Parity (DESIGN.md §3b): the family's stages and its denoiser's prepare / step / finish loop give
 WanPipeline's latents within 1e-4 for the same prompt, seed, steps, size, frames and guidance, and its
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from wan_support import ROBOT, build_tiny_wan
+from tiny_wan import ROBOT, build_tiny_wan
 
 from omnireel import media
 from omnireel.config import GenerationRequest

@@ -2,7 +2,9 @@
 
 Bad input never prints a traceback: one line naming the field and the limit, exit code 2 (argparse's
 own errors too: OneLineParser). The flags of `serve` and `batch` are made from their args models'
-fields (AppArgs, BatchOptions; omnireel/driver_args.py), so a field added there is a flag at once.
+fields (AppArgs, BatchOptions; omnireel/driver_args.py), so a field added there is a flag at once;
+`render` and `bench backbone` take the DriverArgs fields that apply to them (RENDER_FIELDS,
+BENCH_BACKBONE_FIELDS), made the same way.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import os
 import sys
 
 DEFAULT_PROMPT = "a red paper boat drifting down a rainy street gutter, puddles rippling, soft rain sounds"
+# The DriverArgs fields that are flags of `omnireel render` (one process: no mesh, no Ray, no batching)
+# and of `omnireel bench backbone` (seeded weights on a mesh: no checkpoint, its ranks' threads its own).
+RENDER_FIELDS = ("checkpoint", "threads", "dtype", "voices_uri", "storyboard_model")
+BENCH_BACKBONE_FIELDS = ("tp", "sp", "cfg_parallel", "dtype")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -76,12 +82,12 @@ def render_command(args) -> None:
         fail(request_error_message(e))
     from .storyboard import StoryboardError, resolve_storyboard
     try:
-        request = resolve_storyboard(request)         # --storyboard llm: the LLM plans the shots, once
+        request = resolve_storyboard(request, model=args.storyboard_model)  # --storyboard llm: planned once
     except StoryboardError as e:
         fail(str(e))
     from .voices import VoiceNotFound, VoiceRegistry
     try:
-        VoiceRegistry(args.voice_store).check_bindings(request.voices)
+        VoiceRegistry(args.voices_uri).check_bindings(request.voices)
     except VoiceNotFound as e:
         fail(str(e))
 
@@ -95,7 +101,7 @@ def render_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = LocalEngine(args.checkpoint, device=args.device, voices=args.voice_store, dtype=args.dtype)
+        engine = LocalEngine(args.checkpoint, device=args.device, voices=args.voices_uri, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--checkpoint: {e}", code=1)
     try:
@@ -204,18 +210,17 @@ def train_command(args) -> None:
 
 
 def add_backbone_bench_arguments(parser) -> None:
-    """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py."""
+    """Options of `omnireel bench backbone`, shared with benchmarks/backbone.py; the mesh and the dtype
+    are DriverArgs' fields (a flag left out: the field's default; dtype None: float32)."""
+    from .driver_args import DriverArgs, add_flags
     parser.add_argument("--family", default="omni", choices=("omni", "ltx2", "wan"),
                         help="model family: omni (presets tiny, small, wan14b), ltx2 (presets real, tiny) or wan (presets tiny, cpu)")
     parser.add_argument("--preset", default="small", help="model preset (omni: tiny, small, wan14b; ltx2: real, tiny; wan: tiny, cpu)")
     parser.add_argument("--size", default="768x512", help="ltx2, wan: WIDTHxHEIGHT of the clip (default 768x512)")
     parser.add_argument("--frames", type=int, default=121, help="ltx2, wan: frames of the clip (default 121)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    parser.add_argument("--sp", type=int, default=1, help="sequence-parallel (Ulysses) ranks")
-    parser.add_argument("--cfg-parallel", type=int, default=1, help="CFG-parallel ranks (1 or 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=1024, help="packed sequence length, about")
-    parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    add_flags(parser, DriverArgs, BENCH_BACKBONE_FIELDS, defaults=True)
     parser.add_argument("--check-parity", action="store_true", help="compare the mesh (or TP=N) with one rank")
 
 
@@ -236,7 +241,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .deployments.args import AppArgs
-    from .driver_args import add_flags
+    from .driver_args import DriverArgs, add_flags
     from .pipelines.args import BatchOptions
     parser = OneLineParser(prog="omnireel", description="Render video with native audio.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,23 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shots", help='storyboard as JSON: [{"prompt": ..., "seconds": ..., "camera": ...}, ...]')
     r.add_argument("--storyboard", choices=("rules", "llm"),
                    help="without --shots, who splits the prompt into shots: rules (default: at sentence ends, "
-                        "';' and 'then') or llm (an LLM on vLLM; model folder in $OMNIREEL_STORYBOARD_MODEL)")
+                        "';' and 'then') or llm (an LLM on vLLM; model folder: --storyboard-model)")
     r.add_argument("--image", action="store_true", help="render one frame to a PNG")
     r.add_argument("--audio-only", action="store_true", help="generate audio alone to an M4A (mode 'audio')")
     r.add_argument("--voice", action="append", metavar="CHARACTER=VOICE_ID",
                    help="bind a registered voice (omnireel voices) to a character; repeatable")
-    r.add_argument("--voice-store", help="voice registry URI (default $OMNIREEL_VOICES or ~/.cache/omnireel/voices)")
     r.add_argument("--element", action="append", metavar="IMAGE",
                    help="reference image (path or URI) seen by every shot; repeatable")
     r.add_argument("--reference", metavar="IMAGE", help="image-to-video: this image is the first frame")
     r.add_argument("--input-video", metavar="VIDEO", help="continue this video (its frames lead the clip)")
     r.add_argument("--input-audio", metavar="AUDIO", help="generate video to this soundtrack")
     r.add_argument("--physics", metavar="JSON", help='scene to simulate, JSON or @FILE: {"bodies": [...], "gravity": ...}')
-    r.add_argument("--checkpoint", help="checkpoint folder (default: the embedded small checkpoint)")
-    r.add_argument("--threads", type=int, help="torch CPU threads")
+    add_flags(r, DriverArgs, RENDER_FIELDS, defaults=True)
     r.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
-    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="the model's float type (default: as stored; bfloat16 on a GPU)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=render_command)
 

@@ -3,7 +3,8 @@ batch pipeline's BatchOptions subclass it), and the command-line flags made from
 
 A field is written once (name, type, limits, description) and is at the same time
   - a key of the Serve config's `args:` (AppArgs) and an attribute of BatchOptions;
-  - a flag of `omnireel serve` and `omnireel batch` (add_flags): name -> --flag (cfg_parallel ->
+  - a flag of `omnireel serve` and `omnireel batch` (add_flags), and, where the field applies to
+    them, of `omnireel render` and `omnireel bench backbone`: name -> --flag (cfg_parallel ->
     --cfg-parallel, or the field's json_schema_extra "flag"), description -> help, type and limits ->
     the flag's check, so a bad value is one line naming the flag and the limit.
 Importing it imports pydantic alone: Serve unpickles AppArgs in every replica.
@@ -37,9 +38,11 @@ class DriverArgs(BaseModel):
         "2: the conditional and unconditional rows of CFG on different ranks; a backbone's "
         "ranks are cfg_parallel x sp x tp (parallel/mesh.py)"))
     threads: Optional[int] = Field(None, ge=1, description=(
-        "torch threads of every stage replica or actor and every rank (default: Ray's, its CPUs)"))
+        "torch threads of every stage replica or actor and every rank (default: Ray's, its CPUs); "
+        "`omnireel render`: of its one process (default: torch's)"))
     dtype: Optional[DTYPES] = Field(None, description=(
-        "float type of the model components (default: as stored; bfloat16 on GPUs)"))
+        "float type of the model components (default: as stored; bfloat16 on GPUs; `omnireel bench "
+        "backbone`'s seeded weights: float32)"))
     compute_niceness: Optional[int] = Field(0, ge=-20, le=19, description=(
         "nice value of each replica's, actor's and rank's compute thread (Ray starts workers at 15; "
         "below that needs CAP_SYS_NICE, else it stays at 15); none: leave it as Ray set it"))
@@ -71,12 +74,22 @@ def flag_name(name: str, field: FieldInfo) -> str:
     return extra.get("flag") or "--" + name.replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One flag per field of `model`. A flag left out sets nothing (the namespace lacks it), so the
-    model's default, or the Serve config file's value, applies: read the given ones with `given`."""
+def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], names: tuple[str, ...] | None = None,
+              defaults: bool = False) -> None:
+    """One flag per field of `model` (or per field in `names`: a command that takes only some, as
+    `omnireel render` the checkpoint, threads, dtype and voices). A flag left out sets nothing (the
+    namespace lacks it), so the model's default, or the Serve config file's value, applies: read the
+    given ones with `given`; with `defaults`, a flag left out sets the field's default (a command
+    with no config file to merge reads the namespace as it is)."""
+    unknown = set(names or ()) - set(model.model_fields)
+    if unknown:
+        raise ValueError(f"{model.__name__} has no field {', '.join(sorted(unknown))}")
     for name, field in model.model_fields.items():
+        if names is not None and name not in names:
+            continue
         flag = flag_name(name, field)
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=flag_help(field),
+        default = field.get_default(call_default_factory=True) if defaults else argparse.SUPPRESS
+        parser.add_argument(flag, dest=name, default=default, help=flag_help(field),
                             **flag_kind(field, metavar=flag.lstrip("-").replace("-", "_").upper()))
 
 

@@ -8,8 +8,8 @@ from .checkpoint import default_checkpoint, read_config, read_digest
 from .config import GenerationRequest
 from .families import family_of
 from .plan import ScenePlan, plan_request
-from .stages import (STAGE_GRAPH, EncodedStream, GeneratedLatents, ProgressFn, StageTimings, StopFn, run_graph,
-                     run_stage)
+from .stages import (BACKBONE_STAGE, STAGE_GRAPH, EncodedStream, GeneratedLatents, ProgressFn, StageTimings, StopFn,
+                     run_graph, run_stage)
 
 
 @dataclass
@@ -38,9 +38,20 @@ class LocalEngine:
     def render(self, request: GenerationRequest, progress: ProgressFn | None = None,
                should_stop: StopFn | None = None) -> RenderResult:
         timings = StageTimings()
+        values = run_graph(STAGE_GRAPH, {"plan": self.plan(request)}, self.stage_call(progress, should_stop),
+                           hooks=[timings])
+        return RenderResult(values["plan"], values["latents"], values["artifact"], timings.seconds)
 
+    def denoise_inputs(self, request: GenerationRequest) -> tuple:
+        """The backbone stage's inputs for `request` by this engine's stages ((plan, text, voice,
+        media) as STAGE_GRAPH names them): what a DenoiseScheduler, a backbone group or the denoise
+        stage alone takes, for a benchmark or a parity check of the backbone host."""
+        before = STAGE_GRAPH[STAGE_GRAPH.index(BACKBONE_STAGE) - 1]       # the graph is in order
+        values = run_graph(STAGE_GRAPH, {"plan": self.plan(request)}, self.stage_call(), until=before.output)
+        return tuple(values[name] for name in BACKBONE_STAGE.inputs)
+
+    def stage_call(self, progress: ProgressFn | None = None, should_stop: StopFn | None = None):
+        """run_graph's `call`: each stage on this engine's components, in this process."""
         def call(stage, inputs):
             return run_stage(stage, self.components, dict(zip(stage.inputs, inputs)), progress, should_stop)
-
-        values = run_graph(STAGE_GRAPH, {"plan": self.plan(request)}, call, hooks=[timings])
-        return RenderResult(values["plan"], values["latents"], values["artifact"], timings.seconds)
+        return call

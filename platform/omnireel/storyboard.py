@@ -351,19 +351,20 @@ def planned_shots(outcome: list[Shot] | StoryboardError) -> list[Shot]:
     return outcome
 
 
-def resolve_storyboard(request: GenerationRequest, planner: LLMShotPlanner | None = None) -> GenerationRequest:
+def resolve_storyboard(request: GenerationRequest, planner: LLMShotPlanner | None = None,
+                       model: str | None = None) -> GenerationRequest:
     """The request with its LLM storyboard planned into explicit `shots` (the CLI's way, once, before
-    rendering: one process, one engine, built here on $OMNIREEL_STORYBOARD_MODEL and stopped after
-    when no `planner` is given); any other request unchanged. StoryboardError (one line naming
-    `storyboard`) where the LLM planner cannot run or its storyboard does not fit the request."""
+    rendering: one process, one engine, built here on `model` (default $OMNIREEL_STORYBOARD_MODEL)
+    and stopped after when no `planner` is given); any other request unchanged. StoryboardError (one
+    line naming `storyboard`) where the LLM planner cannot run or its storyboard does not fit the request."""
     if not needs_llm_plan(request):
         return request
     own = planner is None
     if own:
-        reason = llm_unavailable()
+        reason = llm_unavailable(model)
         if reason:
             raise StoryboardError(reason)
-        planner = LLMShotPlanner(planner_model())
+        planner = LLMShotPlanner(planner_model(model))
     try:
         outcome = planner.plan(request.prompt, request.seconds, fps=request.fps, seed=request.seed)
     except StoryboardError as e:

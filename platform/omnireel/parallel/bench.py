@@ -251,8 +251,11 @@ def _bench_tp(preset_name: str, cfg: BackboneConfig, tp: int, steps: int, tokens
 
 
 def run(args) -> int:
-    """Run the bench for parsed `args`; a bad preset or TP degree is one line and exit code 2."""
+    """Run the bench for parsed `args`; a bad preset or TP degree is one line and exit code 2. A dtype
+    of None (the DriverArgs field left out) is float32, the seeded weights' own, on every device."""
     import sys
+    if args.dtype is None:
+        args.dtype = "float32"
     try:
         if getattr(args, "family", "omni") == "ltx2":
             return run_ltx2(args)

@@ -1,4 +1,5 @@
-"""Tiny random Wan checkpoints, built offline from diffusers' and transformers' own classes.
+"""Tiny random Wan checkpoints, built offline from diffusers' and transformers' own classes: the
+folders benchmarks/batching.py denoises, and the tests' (tests/conftest.py puts benchmarks/ on their path).
 
 `build_tiny_wan(directory, variant)` writes a diffusers folder that `WanPipeline.from_pretrained`
 (or `WanImageToVideoPipeline.from_pretrained`) loads, with the module configs of diffusers' own
