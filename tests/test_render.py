@@ -143,3 +143,20 @@ def test_stdlib_platform_is_not_shadowed_from_the_repo_root():
     proc = subprocess.run([sys.executable, "-c", "import platform; print(platform.system())"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "Linux"
+
+
+def test_a_bfloat16_engine_renders_what_float32_does_to_bfloat16_precision(tiny_checkpoint, tiny_engine, tmp_path):
+    """--dtype bfloat16 on the omni family: the backbone's time embedding and the vocoder's STFTs
+    once failed on mixed float types; the latents follow float32's (bf16 rounding only)."""
+    from omnireel.engine import LocalEngine
+
+    engine = LocalEngine(tiny_checkpoint, dtype="bfloat16")
+    assert next(engine.components["backbone"].module.parameters()).dtype == torch.bfloat16
+    half, full = engine.render(small_request()), tiny_engine.render(small_request())
+    for a, b in ((half.latents.video, full.latents.video), (half.latents.audio, full.latents.audio)):
+        a, b = a.float().flatten(), b.float().flatten()
+        assert torch.isfinite(a).all() and torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
+    path = tmp_path / "bf16.mp4"
+    path.write_bytes(half.artifact.data)
+    streams = ffprobe(path)
+    assert streams["video"]["codec_name"] == "h264" and streams["audio"]["codec_name"] == "aac"

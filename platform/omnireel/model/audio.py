@@ -132,7 +132,7 @@ class Vocoder(nn.Module):
     def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
         n_frames = log_mel.shape[-1]
         length = n_frames * self.cfg.hop_length
-        magnitude = (self.inverse @ log_mel.exp()).clamp(min=0)                         # (B, F, T)
+        magnitude = (self.inverse @ log_mel.float().exp()).clamp(min=0)                 # (B, F, T), float32 (STFTs)
         # stft of `length` samples has T + 1 frames; the extra one, centred on the end, repeats T - 1.
         magnitude = torch.cat([magnitude, magnitude[..., -1:]], dim=-1)                 # (B, F, T + 1)
         phase = torch.ones_like(magnitude, dtype=torch.complex64)  # fixed start (zero phase): deterministic

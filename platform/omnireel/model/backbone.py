@@ -287,7 +287,8 @@ class OmniBackbone(nn.Module):
 
     def time_modulations(self, sigmas: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """sigmas (B, 3) -> the timestep embeddings (B, 3, d) and the blocks' adaLN table (B, 3, 6, d)."""
-        t_emb = self.time_embed(timestep_embedding(sigmas, self.cfg.freq_dim)).to(dtype)    # (B, 3, d)
+        features = timestep_embedding(sigmas, self.cfg.freq_dim)                        # float32 (B, 3, freq_dim)
+        t_emb = self.time_embed(features.to(self.time_embed[0].weight.dtype)).to(dtype)  # (B, 3, d)
         return t_emb, self.time_modulation(t_emb).unflatten(-1, (6, self.cfg.dim))
 
     def transform(self, x, t_emb, time_mod, prep, group_spans) -> torch.Tensor:
