@@ -11,8 +11,10 @@ together and a job's latents are what it gets alone, up to float rounding.
     scheduler.run_until_idle()          # the host's compute thread: steps while there is work
     job.future.result()                 # GeneratedLatents, or Cancelled / the job's own error
 
-A host with many submitters (a Serve replica's concurrent calls, a batch actor's rows) calls
-`scheduler.drive(compute)` after each submit: the loop starts on its compute thread unless it runs.
+A backbone host owns one (parallel/inprocess.py at tp=1; every rank of parallel/group.py above).
+The in-process host, with many submitters (a Serve replica's concurrent calls, a batch actor's rows
+of its calls in flight), calls `scheduler.drive(compute)` after each submit: the loop starts on the
+caller's compute thread unless it runs.
 
 Per job: progress(done, steps) after each of its steps; should_stop() before each (a stop raises
 model.sampler.Cancelled into that job's future at the next step boundary, the others go on); a
