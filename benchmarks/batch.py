@@ -4,8 +4,9 @@ loop over the same manifest; with --validate-only, the driver's peak memory over
 Prints jobs/minute and videos/hour of each (end to end: from nothing loaded to every MP4 written;
 and the pipeline's render phase), the ratio batching on / off and pipeline / sequential, the fraction
 of the warm window (first denoise start to last denoise end) that the denoise actors spent running
-the backbone, the rows a denoise actor held in its batch on average, and the mean denoise time per
-row in each (on a small CPU box the pipeline's stages compete for the same cores). Batching off is
+the backbone, the rows a denoise actor held in its batch on average, the rows that shared a step
+with a row of another denoise call (a denoise actor runs two calls at once), and the mean denoise
+time per row in each (on a small CPU box the pipeline's stages compete for the same cores). Batching off is
 max_batch_jobs 1 (one row per denoise call), on is --batch-jobs; the pipeline runs interleave off,
 on, on, off (--repeats pairs) on one Ray, each into a fresh output, and each figure is over its runs.
 
@@ -132,6 +133,7 @@ def main() -> None:
               f"{per_hour(rendered, render):.0f} videos/hour; denoise busy "
               f"{sum(s.denoise_busy for s in summaries) / len(summaries):.2f} of the window, "
               f"{sum(s.denoise_rows_in_flight for s in summaries) / len(summaries):.2f} rows in flight, "
+              f"{sum(s.denoise_rows_joined for s in summaries)} rows joined another call's batch, "
               f"denoise per row {sum(denoise) / len(denoise):.2f} s")
     (off_total, off_render), (on_total, on_render) = figures[1], figures[args.batch_jobs]
     print(f"ratio batching on / off: {off_total / on_total:.2f}x end to end, {off_render / on_render:.2f}x render "

@@ -5,12 +5,12 @@ Above tp=1 each replica owns its group: the replica is declared with `placement_
 per rank, the replica's own CPUs joined to bundle 0, STRICT_PACK; see app.py) and hands its
 placement group to the group, which places rank i in bundle i, as Ray Serve LLM does for vLLM.
 
-The replica batches: at tp=1 every `run` call submits its job to one DenoiseScheduler
-(omnireel/scheduler.py) and awaits that job's result; the compute thread drives the scheduler's
-loop while there is work, so concurrent jobs join the running batch at the next step boundary and
-leave it when done (up to `max_batch_jobs` / `max_batch_tokens`; max_batch_jobs 1 is one job at a
-time). Above tp=1 every call submits its job to the group from a thread of its own, and the group's
-rank 0 batches the jobs in flight the same way (parallel/group.py), under the same bounds.
+The replica batches through its host's one API, whatever the rank count: every `run` call hands
+its job to `host.denoise` from a thread of its own, and the host batches the jobs in flight (up to
+`max_batch_jobs` / `max_batch_tokens`; max_batch_jobs 1 is one job at a time): at tp=1 its
+DenoiseScheduler (omnireel/scheduler.py), whose step loop runs on the replica's compute thread while
+there is work, so concurrent jobs join the running batch at the next step boundary and leave it
+when done; above, the group's rank 0 scheduler the same way (parallel/group.py).
 
 Progress and cancel: every denoising step is reported to the JobStore, whose answer says whether
 to stop (the job was cancelled, or this attempt is stale); the group turns that into a cancel that
@@ -22,15 +22,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 from ray.util import get_current_placement_group
 
 from omnireel import metrics
 from omnireel.checkpoint import read_config
-from omnireel.parallel.group import DenoiseJob, RankFailure
+from omnireel.parallel.group import MAX_QUEUED_JOBS, DenoiseJob, RankFailure
 from omnireel.parallel.inprocess import open_backbone
-from omnireel.scheduler import DenoiseScheduler
 from omnireel.stages import BACKBONE_STAGE, StageTimings
 
 from .stage_replica import DRIVER, NO_JOB, JobTicket, compute_thread, warmup_values
@@ -85,32 +85,23 @@ class JobSignals:
 class Backbone:
     def __init__(self, args, store):
         self.store = store
-        self.compute = compute_thread(args, [BACKBONE_STAGE.name])   # runs the backbone at tp=1, drives the group above
+        self.compute = compute_thread(args, [BACKBONE_STAGE.name])   # steps the backbone at tp=1, loads the group above
         self.host = self.compute.run(open_backbone, args.checkpoint, args.tp, get_current_placement_group(),
                                      use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank,
                                      threads=self.compute.threads, dtype=args.dtype, niceness=args.compute_niceness,
                                      mesh=args.mesh, max_batch_jobs=args.max_batch_jobs,
-                                     max_batch_tokens=args.max_batch_tokens)
-        self.scheduler = None                    # one rank: the batching loop over the replica's own backbone
-        if args.mesh.ranks == 1:
-            self.scheduler = DenoiseScheduler(self.host.backbone, args.max_batch_jobs, args.max_batch_tokens,
-                                              driver=DRIVER)
+                                     max_batch_tokens=args.max_batch_tokens, compute=self.compute, driver=DRIVER)
+        self.calls = ThreadPoolExecutor(max(MAX_QUEUED_JOBS, 2 * args.max_batch_jobs),   # a thread per job in flight
+                                        thread_name_prefix="backbone-call")       # (max_ongoing_requests, app.py)
         values = warmup_values(read_config(args.checkpoint))
-        self.compute.run(self._warm_up, *[values[name] for name in BACKBONE_STAGE.inputs])
+        self._warm_up(*[values[name] for name in BACKBONE_STAGE.inputs])
 
     def _warm_up(self, *inputs) -> None:
         """The smallest job twice at once on the backbone host (once where batching is off), so its
         batched step has run too before the replica reports ready."""
-        if self.scheduler is None:           # the group: its rank 0 batches the two
-            calls = [self.host.submit(DenoiseJob(*inputs)) for _ in range(min(2, self.host.max_batch_jobs))]
-            for call in calls:
-                call.result()
-            return
-        tasks = [self.scheduler.submit(*inputs) for _ in range(min(2, self.scheduler.max_batch_jobs))]
-        if self.scheduler.claim_driver():
-            self.scheduler.run_until_idle()
-        for task in tasks:
-            task.future.result()
+        calls = [self.host.submit(DenoiseJob(*inputs)) for _ in range(min(2, self.host.max_batch_jobs))]
+        for call in calls:
+            call.result()
 
     async def run(self, stage_name: str, ticket: JobTicket, *inputs):
         """The backbone stage: (plan, text, voice, media) -> GeneratedLatents, on the backbone host."""
@@ -118,12 +109,11 @@ class Backbone:
             raise ValueError(f"Backbone does not run stage {stage_name!r}")
         signals = JobSignals(self.store, ticket, asyncio.get_running_loop())
         try:
-            if self.scheduler is not None:
-                return await self._batched(inputs, signals)
-            with StageTimings(DRIVER).measure(BACKBONE_STAGE):   # a thread per call, so calls batch on the group
+            with StageTimings(DRIVER).measure(BACKBONE_STAGE):   # a thread per call waits while the host batches
                 return await asyncio.get_running_loop().run_in_executor(   # not to_thread: the request's context
-                    None, functools.partial(self.host.denoise, *inputs, progress=signals.progress,   # stays here, so
-                                            should_stop=signals.should_stop))   # a cancel does not cancel rank calls
+                    self.calls, functools.partial(self.host.denoise, *inputs, progress=signals.progress,   # stays
+                                                  should_stop=signals.should_stop))   # here, so a cancel does not
+                                                                                      # cancel rank calls
         except RankFailure:
             await self.compute.call(self._rebuild)       # a fresh set of ranks for the next job
             raise
@@ -136,19 +126,10 @@ class Backbone:
         if self.host.broken:
             self.host.rebuild()
 
-    async def _batched(self, inputs, signals: JobSignals):
-        """The job joins the scheduler's batch; the compute thread runs the loop unless it already does."""
-        with StageTimings(DRIVER).measure(BACKBONE_STAGE):
-            task = self.scheduler.submit(*inputs, progress=signals.progress, should_stop=signals.should_stop)
-            self.scheduler.drive(self.compute)
-            return await asyncio.wrap_future(task.future)
-
     async def batching(self) -> dict:
-        """What the replica's scheduler (at tp=1; above, its group's rank 0) holds and ran: jobs running
+        """What the host's scheduler (at tp=1; above, its group's rank 0) holds and ran: jobs running
         and waiting, and the recent steps as (jobs, tokens), oldest first."""
-        if self.scheduler is None:
-            return await asyncio.to_thread(self.host.batching)
-        return self.scheduler.summary()
+        return await asyncio.to_thread(self.host.batching)
 
     async def ready(self) -> bool:
         return True
@@ -157,5 +138,7 @@ class Backbone:
         host = getattr(self, "host", None)
         if host is not None:
             host.shutdown()
+        if hasattr(self, "calls"):
+            self.calls.shutdown(wait=False, cancel_futures=True)
         if hasattr(self, "compute"):
             self.compute.shutdown()

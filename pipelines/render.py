@@ -5,8 +5,9 @@
       -> settled rows (refused, done)                            -> driver: errors / results files
       -> rows to render, one per artifact key (its other rows ride along as `members`), in one-row blocks
         -> encode pool   (actors: the stages before denoise)
-        -> denoise pool  (a fixed number of actors; each runs the backbone at tp=1, else drives a
-                          BackboneGroup in its own placement group)
+        -> denoise pool  (a fixed number of actors, each taking DENOISE_CALLS_PER_ACTOR calls at once;
+                          each runs the backbone at tp=1, else drives a BackboneGroup in its own
+                          placement group)
         -> decode pool   (actors: the stages after denoise, then the artifact and its sidecar, each atomic)
         -> driver: results.parquet (from the sidecars), errors.parquet, metrics, the Pushgateway
 
@@ -26,10 +27,12 @@ takes the same arguments as `omnireel batch`; it connects to $RAY_ADDRESS or sta
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -47,12 +50,12 @@ from omnireel.compute import ComputeThread
 from omnireel.canonical import canonical_json
 from omnireel.config import GenerationRequest
 from omnireel.families import family_of
-from omnireel.parallel.group import MAX_QUEUED_JOBS, BackboneGroup
+from omnireel.parallel.group import MAX_QUEUED_JOBS, BackboneGroup, DenoiseJob
 from omnireel.parallel.inprocess import host_resources, open_backbone
 from omnireel.parallel.mesh import MeshShape
 from omnireel.parallel.mesh_denoiser import check_family_mesh
 from omnireel.plan import plan_request
-from omnireel.scheduler import DEFAULT_MAX_BATCH_JOBS, DEFAULT_MAX_BATCH_TOKENS, DenoiseScheduler
+from omnireel.scheduler import DEFAULT_MAX_BATCH_JOBS, DEFAULT_MAX_BATCH_TOKENS
 from omnireel.stages import STAGE_GRAPH, Stage, StageTimings, close_components, load_components, run_graph, run_stage
 from omnireel.storyboard import llm_unavailable, planner_model
 from omnireel.voices import default_voice_prefix
@@ -87,6 +90,7 @@ class BatchSummary:
     render_seconds: float     # wall time of the render phase
     denoise_busy: float       # fraction of the warm window the denoise actors were running the backbone
     denoise_rows_in_flight: float   # rows a denoise actor held in its batch on average while busy
+    denoise_rows_joined: int  # rows that shared a denoising step with a row of another denoise call
     results_uri: str
     errors_uri: str
 
@@ -170,7 +174,7 @@ class StagePool:
         def call(stage, inputs):
             started = time.time()
             try:
-                output = self.call(stage, dict(zip(stage.inputs, inputs)))
+                output = self.call(stage, dict(zip(stage.inputs, inputs)), row)
             except Exception as exc:
                 failed.update(stage=stage.name, message=one_line(exc))
                 raise StopRow from None
@@ -185,7 +189,8 @@ class StagePool:
             return {**row, **failed}
         return self.finish({**row, "timings": json.dumps({**json.loads(row["timings"]), **timings.seconds})}, values)
 
-    def call(self, stage: Stage, values: dict):
+    def call(self, stage: Stage, values: dict, row: dict):
+        """`stage` over `values`; a pool may add fields of its own to the `row` being run."""
         return run_stage(stage, self.components, values)
 
     def finish(self, row: dict, values: dict) -> dict:
@@ -198,15 +203,53 @@ class EncodePool(StagePool):
     pool = "encode"
 
 
+class BusyClock:
+    """Seconds during which at least one row was denoising on this actor: calls in flight at once
+    overlap, and their time counts once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rows = 0                 # rows denoising now
+        self._since = 0.0              # when _rows last went from 0 to 1
+        self._seconds = 0.0            # busy seconds not yet taken, up to _since or the last idle
+
+    @contextlib.contextmanager
+    def row(self):
+        """Counts the actor busy while the block runs."""
+        with self._lock:
+            if self._rows == 0:
+                self._since = time.time()
+            self._rows += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._rows -= 1
+                if self._rows == 0:
+                    self._seconds += time.time() - self._since
+
+    def take(self) -> float:
+        """The busy seconds since the last take (a running stretch up to now)."""
+        with self._lock:
+            now = time.time()
+            seconds = self._seconds + (now - self._since if self._rows else 0.0)
+            self._seconds, self._since = 0.0, now
+            return seconds
+
+
 class DenoisePool(StagePool):
-    """The denoise stage on this actor's backbone host (parallel/inprocess.py): at tp=1 the actor runs
-    the backbone itself; above, a BackboneGroup whose ranks are child actors captured into the
-    actor's placement group.
+    """The denoise stage on this actor's backbone host (parallel/inprocess.py `open_backbone`): at
+    tp=1 the actor runs the backbone itself (the host's DenoiseScheduler, stepped on the actor's
+    compute thread); above, a BackboneGroup whose ranks are child actors captured into the actor's
+    placement group (its rank-0 scheduler). The pool calls the host's one API either way.
 
     A call's rows (up to max_batch_jobs: the pool's batch_size) are denoised together: each row runs
     on a thread of its own and submits its job, which joins the running batch at the next step
-    boundary (at tp=1 the actor's DenoiseScheduler, driven on its compute thread; above, the group's
-    rank-0 scheduler). A row that fails leaves with its error; the others go on."""
+    boundary. Ray Data sends an actor DENOISE_CALLS_PER_ACTOR calls at once, so the next call's rows
+    join a running batch as the first call's rows finish; the scheduler holds at most max_batch_jobs
+    of them in its batch, the others wait in its queue. A row that fails leaves with its error; the
+    others go on. Each row records `denoise_callers`, the most calls whose rows shared one of its
+    steps (2: a row of another call joined its batch)."""
 
     pool = "denoise"
 
@@ -216,10 +259,10 @@ class DenoisePool(StagePool):
         super().__init__(checkpoint, threads, niceness=niceness, dtype=dtype)
         self.host = self.compute.run(open_backbone, checkpoint, mesh.tp, ray.util.get_current_placement_group(),
                                      cpus_per_rank=cpus_per_rank, threads=threads, dtype=dtype, niceness=niceness,
-                                     mesh=mesh, max_batch_jobs=max_batch_jobs, max_batch_tokens=max_batch_tokens)
-        self.scheduler = None                  # one rank: the batching loop over the actor's own backbone
-        if mesh.ranks == 1:
-            self.scheduler = DenoiseScheduler(self.host.backbone, max_batch_jobs, max_batch_tokens, driver=DRIVER)
+                                     mesh=mesh, max_batch_jobs=max_batch_jobs, max_batch_tokens=max_batch_tokens,
+                                     compute=self.compute, driver=DRIVER)
+        self.busy = BusyClock()
+        self.calls = itertools.count()         # labels this actor's calls (the scheduler's `caller`)
 
     def load(self, names):
         return {}                         # the backbone lives on the host
@@ -232,27 +275,35 @@ class DenoisePool(StagePool):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         todo = rows.from_table(batch)
+        caller = next(self.calls)
         with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="denoise-row") as threads:
-            done = list(threads.map(self.run_row, todo))
+            done = list(threads.map(lambda row: self.run_row({**row, "denoise_call": caller}), todo))
         denoised = [row for row in done if row["denoise_end"] > 0]
-        if denoised:                         # the actor was busy from the first row's start to the last's end
-            span = max(r["denoise_end"] for r in denoised) - min(r["denoise_start"] for r in denoised)
-            done = [{**row, "denoise_busy": span / len(denoised)} if row["denoise_end"] > 0 else row
+        if denoised:                         # the rows share the actor's busy time since the last call ended
+            busy = self.busy.take()
+            done = [{**row, "denoise_busy": busy / len(denoised)} if row["denoise_end"] > 0 else row
                     for row in done]
-        if self.host.broken:                 # a rank died: its rows failed; the next call gets fresh ranks
-            self.compute.run(self.host.rebuild)
+        self.rebuild_if_broken()             # a rank died: its rows failed; the next call gets fresh ranks
         return rows.to_table(done, self.gives)
 
-    def call(self, stage, values):
+    def call(self, stage, values, row):
+        """Submits the row's job to the host, labelled with its call (row["denoise_call"]), and waits
+        for it; sets row["denoise_callers"]."""
         inputs = [values[name] for name in stage.inputs]        # the stage's contract
-        if self.scheduler is None:
-            latents = self.host.denoise(*inputs)       # a RankFailure fails the row; __call__ rebuilds
-        else:
-            task = self.scheduler.submit(*inputs)
-            self.scheduler.drive(self.compute)
-            latents = task.future.result()
+        self.rebuild_if_broken()
+        with self.busy.row():
+            job = self.host.submit(DenoiseJob(*inputs, caller=row["denoise_call"]))
+            latents = job.result()                # a RankFailure fails the row (the group is rebuilt)
+        row["denoise_callers"] = job.peak_callers
         metrics.record("omnireel_denoise_steps", values["plan"].steps, driver=DRIVER)
         return latents
+
+    def rebuild_if_broken(self) -> None:
+        """A fresh set of ranks after a RankFailure, decided on the compute thread, one call at a time:
+        the first call there rebuilds, the others find the group running (a broken group's ranks are
+        gone, so no other call's rows run on them)."""
+        if self.host.broken:
+            self.compute.run(lambda: self.host.broken and self.host.rebuild())
 
 
 class DecodePool(StagePool):
@@ -313,28 +364,41 @@ def remove_placement_groups(tag: str) -> None:
 
 POOL_ROWS = 1       # rows per encode/decode call and per block entering a pool: those stages run a row at a time
                     # (the denoise pool takes up to max_batch_jobs rows per call and denoises them together)
+DENOISE_CALLS_PER_ACTOR = 2   # denoise calls an actor runs at once: the next call's rows join the running batch
+
+
+def denoise_calls_per_actor(options: BatchOptions) -> int:
+    """DENOISE_CALLS_PER_ACTOR, or 1 where that many calls' rows would overflow a group's job limit
+    (MAX_QUEUED_JOBS: every row of a call is in flight on the group)."""
+    if options.mesh.ranks > 1 and DENOISE_CALLS_PER_ACTOR * options.max_batch_jobs > MAX_QUEUED_JOBS:
+        return 1
+    return DENOISE_CALLS_PER_ACTOR
 
 
 def render(todo: ray.data.Dataset, checkpoint: str, out: str, options: BatchOptions, tag: str) -> Iterator[dict]:
     """Streams the rows to render (triage.leaders) through the three pools; yields each row as it
     leaves the decode pool. They enter the pools in blocks of POOL_ROWS rows, so a call ends with
     its rows (the next pool starts on them at once) and rows spread over a pool's actors; a denoise
-    call takes up to max_batch_jobs rows (what Ray Data has ready) and denoises them as one batch."""
+    call takes up to max_batch_jobs rows (what Ray Data has ready) and denoises them as one batch,
+    and a denoise actor runs denoise_calls_per_actor calls at once (threads: the UDF runs concurrently),
+    so one call's rows join the batch of another's still running."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     ds = todo.repartition(target_num_rows_per_block=POOL_ROWS)           # streaming: splits blocks, no shuffle
     common = dict(batch_format="pyarrow", zero_copy_batch=True)
-    for pool, size, rows_per_call, kwargs, resources in (
-            ("encode", options.encoders, POOL_ROWS, {"voices": options.voices_uri or default_voice_prefix()},
-             pool_resources("encode", use_gpu)),
-            ("denoise", options.replicas, options.max_batch_jobs,
+    for pool, actors, rows_per_call, kwargs, resources in (
+            ("encode", ray.data.ActorPoolStrategy(size=options.encoders), POOL_ROWS,
+             {"voices": options.voices_uri or default_voice_prefix()}, pool_resources("encode", use_gpu)),
+            ("denoise", ray.data.ActorPoolStrategy(size=options.replicas, enable_true_multi_threading=True,
+                                                   max_concurrent_calls_per_actor=denoise_calls_per_actor(options)),
+             options.max_batch_jobs,
              {"mesh": options.mesh, "cpus_per_rank": options.cpus_per_rank,
               "max_batch_jobs": options.max_batch_jobs, "max_batch_tokens": options.max_batch_tokens},
              denoise_resources(options, use_gpu, tag)),
-            ("decode", options.decoders, POOL_ROWS, {"out": out, "save_latents": options.save_latents},
-             pool_resources("decode", use_gpu))):
+            ("decode", ray.data.ActorPoolStrategy(size=options.decoders), POOL_ROWS,
+             {"out": out, "save_latents": options.save_latents}, pool_resources("decode", use_gpu))):
         with warnings.catch_warnings():   # deprecated in Ray 2.60, still how ray.data.llm places TP engines
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
-            ds = ds.map_batches(POOL_ACTORS[pool], compute=ray.data.ActorPoolStrategy(size=size),
+            ds = ds.map_batches(POOL_ACTORS[pool], compute=actors,
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "threads": options.threads,
                                                        "niceness": options.compute_niceness,
                                                        "dtype": options.dtype, **kwargs},
@@ -370,12 +434,14 @@ class DenoiseWindow:
     end: float = 0.0
     busy: float = 0.0
     in_flight: float = 0.0    # the rows' own denoise seconds, summed
+    joined: int = 0           # rows that shared a step with a row of another denoise call
 
     def add(self, row: dict) -> None:
         if row["denoise_end"] > 0:
             self.start, self.end = min(self.start, row["denoise_start"]), max(self.end, row["denoise_end"])
             self.busy += row["denoise_busy"]
             self.in_flight += row["denoise_end"] - row["denoise_start"]
+            self.joined += row["denoise_callers"] > 1
 
     def rows_in_flight(self) -> float:
         """Rows an actor had in its batch on average while busy (1: one at a time)."""
@@ -490,7 +556,7 @@ def run_batch(manifest: str, out: str, checkpoint: str | None = None, options: B
 
     summary = BatchSummary(rows=total, **counts, pending=todo if options.validate_only else 0, videos=videos,
                            render_seconds=render_seconds, denoise_busy=window.fraction(options.replicas),
-                           denoise_rows_in_flight=window.rows_in_flight(),
+                           denoise_rows_in_flight=window.rows_in_flight(), denoise_rows_joined=window.joined,
                            results_uri=results_uri, errors_uri=errors_uri)
     metrics.record("omnireel_batch_videos_per_hour", summary.videos_per_hour)
     metrics.record("omnireel_batch_denoise_busy_ratio", summary.denoise_busy)

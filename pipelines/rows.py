@@ -36,14 +36,15 @@ BASE = pa.schema([
     ("denoise_start", pa.float64()),  # epoch seconds when the backbone started this row (0 = not yet)
     ("denoise_end", pa.float64()),
     ("denoise_busy", pa.float64()),   # seconds of its actor's backbone time this row accounts for (rows
-                                      # denoised together share their call's: its span over its rows)
+                                      # denoised together share their actor's busy time over their call)
+    ("denoise_callers", pa.int64()),  # the most denoise calls whose rows shared one of its steps (0 = none)
     ("record", pa.string()),          # the artifact's sidecar record as JSON ("" = not rendered)
     ("members", pa.list_(pa.struct([("row", pa.int64()), ("id", pa.string())]))),
                                       # the later rows of the same key, which share this row's outcome
 ])
 EMPTY = {"row": 0, "id": "", "key": "", "request": "", "stage": "", "field": "",
          "message": "", "timings": "{}", "denoise_start": 0.0, "denoise_end": 0.0,
-         "denoise_busy": 0.0, "record": "", "members": []}
+         "denoise_busy": 0.0, "denoise_callers": 0, "record": "", "members": []}
 
 
 # ---- payload <-> bytes --------------------------------------------------------------------------

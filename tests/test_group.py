@@ -141,10 +141,12 @@ def test_cancel_stops_every_rank_at_the_same_step(group, tiny_engine, expected):
 
 def test_a_killed_rank_fails_the_call_quickly_and_a_rebuilt_group_works(group, tiny_engine, expected):
     job = denoise_job(tiny_engine, request(steps=100))
-    killed_at = []
+    other_job = denoise_job(tiny_engine, request(steps=100, seed=8))
+    killed_at, others = [], []
 
     def kill_rank_1(step, steps):
         if not killed_at:
+            others.append(group.submit(other_job))    # a second call in flight on the same ranks
             ray.kill(group.rank_actors[1])
             killed_at.append(time.monotonic())
 
@@ -156,6 +158,9 @@ def test_a_killed_rank_fails_the_call_quickly_and_a_rebuilt_group_works(group, t
         group.submit(denoise_job(tiny_engine, request()))
 
     group.rebuild()
+    with pytest.raises(RankFailure):   # the other call, sent to the old ranks, fails when collected...
+        others[0].result()
+    assert not group.broken            # ...and leaves the rebuilt ranks alone
     assert_same_latents(group.submit(denoise_job(tiny_engine, request())).result(), expected)
 
 

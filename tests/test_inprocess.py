@@ -1,21 +1,25 @@
 """The tp=1 backbone host and partial loading: InProcessBackbone returns LocalEngine's latents
-exactly and stops at the step should_stop asks for; `open_backbone` picks it at tp=1 only;
+exactly and stops at the step should_stop asks for; submits from two threads share steps on its
+compute thread, each with its own progress and cancel; `open_backbone` picks it at tp=1 only;
 `load_parts` loads one part of the checkpoint strictly and equal to the whole model's; a
 JobCancelled survives pickling (it crosses Ray from a Backbone replica to the JobRunner)."""
 from __future__ import annotations
 
 import pickle
+import threading
 
 import pytest
 import torch
 
 from omnireel.checkpoint import WEIGHTS_FILE, load_checkpoint, load_parts
+from omnireel.compute import ComputeThread
 from omnireel.families.omni import COMPONENT_PARTS
 from omnireel.model.sampler import Cancelled
 from omnireel.parallel.group import JobCancelled
 from omnireel.parallel.inprocess import InProcessBackbone, host_resources, open_backbone
 from omnireel.stages import load_components
 
+from batching_support import PARITY, max_difference
 from test_group import denoise_job, request
 
 
@@ -36,6 +40,25 @@ def test_the_in_process_host_reports_each_step_and_stops_when_asked(tiny_checkpo
         host.denoise(job.plan, job.text, job.voice, job.media, progress=lambda i, n: seen.append((i, n)),
                      should_stop=lambda: len(seen) >= 3)
     assert seen == [(1, 10), (2, 10), (3, 10)]
+
+
+def test_submits_share_steps_on_the_hosts_compute_thread_each_with_its_own_progress_and_cancel(
+        tiny_checkpoint, tiny_engine):
+    compute = ComputeThread(threads=torch.get_num_threads())     # the same thread count as LocalEngine's
+    host = InProcessBackbone(tiny_checkpoint, compute=compute, max_batch_jobs=4)
+    stepped_on = set()
+    long_call = host.submit(denoise_job(tiny_engine, request(steps=50)),
+                            progress=lambda i, n: stepped_on.add(threading.get_native_id()))
+    short_call = host.submit(denoise_job(tiny_engine, request()))
+    assert max_difference(short_call.result(), tiny_engine.render(request()).latents) <= PARITY   # batched
+    assert 0 < long_call.progress()[0] < 50                       # still running when the short one is done
+    long_call.cancel()
+    with pytest.raises(Cancelled):
+        long_call.result()
+    assert stepped_on == {compute.native_id}                       # the step loop ran on the compute thread
+    assert max(jobs for jobs, _ in host.batching()["recent_steps"]) == 2   # the two shared steps
+    assert host.progress(long_call.job_id) is None                 # forgotten once over
+    compute.shutdown()
 
 
 def test_host_resources_make_the_host_the_rank_at_tp_1_only():

@@ -7,12 +7,14 @@ sampler state (its step count, sigmas, guidance, seed and shape), so jobs at dif
 together and a job's latents are what it gets alone, up to float rounding.
 
     scheduler = DenoiseScheduler(denoiser, max_batch_jobs=8, max_batch_tokens=16384)
-    job = scheduler.submit(plan, text, voice, media, progress=..., should_stop=...)   # any thread
+    job = scheduler.submit(plan, text, voice, media, progress=..., should_stop=..., caller=...)   # any thread
     scheduler.run_until_idle()          # the host's compute thread: steps while there is work
     job.future.result()                 # GeneratedLatents, or Cancelled / the job's own error
 
-A host with many submitters (a Serve replica's concurrent calls, a batch actor's rows) calls
-`scheduler.drive(compute)` after each submit: the loop starts on its compute thread unless it runs.
+A backbone host owns one (parallel/inprocess.py at tp=1; every rank of parallel/group.py above).
+The in-process host, with many submitters (a Serve replica's concurrent calls, a batch actor's rows
+of its calls in flight), calls `scheduler.drive(compute)` after each submit: the loop starts on the
+caller's compute thread unless it runs.
 
 Per job: progress(done, steps) after each of its steps; should_stop() before each (a stop raises
 model.sampler.Cancelled into that job's future at the next step boundary, the others go on); a
@@ -52,7 +54,9 @@ class DenoiseTask:
     progress: Callable[[int, int], None] | None = None
     should_stop: Callable[[], bool] | None = None
     future: Future = field(default_factory=Future)  # GeneratedLatents, or the job's exception
+    caller: Any = None                              # who submitted it (e.g. a batch actor's call)
     state: Any = None                               # the Denoiser's state once prepared
+    peak_callers: int = 0                           # the most callers whose jobs shared one of its steps
 
     @property
     def tokens(self) -> int:
@@ -64,6 +68,7 @@ class StepRecord:
     """What one scheduler step ran (the batch histograms' observations)."""
     jobs: int
     tokens: int
+    callers: int = 1         # distinct DenoiseTask.caller values among its jobs
 
 
 class DenoiseScheduler:
@@ -86,9 +91,10 @@ class DenoiseScheduler:
         self._lock = threading.Lock()
         self._driving = False
 
-    def submit(self, plan, text, voice, media, progress=None, should_stop=None) -> DenoiseTask:
-        """Queues one job (from any thread); it joins the batch at the next step boundary."""
-        task = DenoiseTask((plan, text, voice, media), progress, should_stop)
+    def submit(self, plan, text, voice, media, progress=None, should_stop=None, caller=None) -> DenoiseTask:
+        """Queues one job (from any thread); it joins the batch at the next step boundary. `caller`
+        labels who submitted it (StepRecord.callers, DenoiseTask.peak_callers)."""
+        task = DenoiseTask((plan, text, voice, media), progress, should_stop, caller=caller)
         with self._lock:
             self.waiting.append(task)
         return task
@@ -137,7 +143,10 @@ class DenoiseScheduler:
             return False
         batch = list(self.running)
         before = [task.state.done for task in batch]
-        self._record(StepRecord(len(batch), sum(task.tokens for task in batch)))
+        callers = len({task.caller for task in batch})
+        for task in batch:
+            task.peak_callers = max(task.peak_callers, callers)
+        self._record(StepRecord(len(batch), sum(task.tokens for task in batch), callers))
         try:
             self.denoiser.step([task.state for task in batch])
         except Exception:

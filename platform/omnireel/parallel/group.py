@@ -60,6 +60,7 @@ class DenoiseJob:
     voice: VoiceEmbeddings
     media: MediaLatents
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    caller: object = None                  # who submitted it (DenoiseTask.caller: StepRecord.callers)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RankOutcome:
     steps: int                              # denoising steps completed
     latents: GeneratedLatents | None = None  # rank 0 only
     error: str = ""                         # traceback of a failed job
+    peak_callers: int = 0                   # DenoiseTask.peak_callers
 
 
 class RankFailure(RuntimeError):
@@ -286,7 +288,7 @@ class BackboneRank:
             self._unstarted -= 1
         progress = None if self.queue is None else functools.partial(self.queue.set_progress, job_id)
         task = self.batch.submit(job.plan, job.text, job.voice, job.media, progress=progress,
-                                 should_stop=lambda: job_id in self._stopping)
+                                 should_stop=lambda: job_id in self._stopping, caller=job.caller)
         self._tasks[job_id] = task
         task.future.add_done_callback(lambda future: self._finished(job_id, future))
 
@@ -296,7 +298,8 @@ class BackboneRank:
         steps = task.state.done if task.state is not None else 0
         error = future.exception()
         if error is None:
-            outcome = RankOutcome(self.rank, "done", steps, future.result() if self.rank == 0 else None)
+            outcome = RankOutcome(self.rank, "done", steps, future.result() if self.rank == 0 else None,
+                                  peak_callers=task.peak_callers)
         elif isinstance(error, Cancelled):
             outcome = RankOutcome(self.rank, "cancelled", steps)
         else:
@@ -313,9 +316,11 @@ class BackboneRank:
 class DenoiseCall:
     """One submitted job: poll `progress()`, `cancel()`, and `result()` for the latents."""
 
-    def __init__(self, group: "BackboneGroup", job: DenoiseJob, refs: list):
+    def __init__(self, group: "BackboneGroup", job: DenoiseJob, refs: list, generation: int):
         self.group, self.job_id, self.steps = group, job.job_id, job.plan.steps
-        self._refs = refs           # one per rank
+        self.generation = generation   # of the group's ranks it was sent to
+        self.peak_callers = 0          # once done: the most callers whose jobs shared one of its steps
+        self._refs = refs              # one per rank
 
     def progress(self) -> tuple[int, int] | None:
         """(steps done, steps) as rank 0 last reported, or None before the first step."""
@@ -386,6 +391,7 @@ class BackboneGroup:
         self._lock = threading.Lock()
         self._in_flight: dict[str, object] = {}   # job_id -> rank 0's result ref
         self._ranks: list = []
+        self._generation = 0                      # of the ranks: one more at every start
         self._broken: str | None = None
         self.resident_parameter_bytes: list[int] = []
         try:
@@ -428,6 +434,7 @@ class BackboneGroup:
         ).remote(i, self.ranks, self.threads, self.niceness, self.max_batch_jobs, self.max_batch_tokens)
             for i in range(self.ranks)]
         self._ranks = ranks
+        self._generation += 1
         try:
             address = self._wait_all([ranks[0].open_store.remote()], self.start_timeout_s, "open its store")[0]
             setup = [r.setup.remote(address, self.checkpoint_dir, self.pg_timeout_s, self.dtype, self.mesh)
@@ -459,11 +466,14 @@ class BackboneGroup:
             ray.kill(rank, no_restart=True)
         self._ranks = []
 
-    def _fail(self, message: str, cause: BaseException | None = None):
-        """Kills every rank (survivors may sit in a collective) and raises RankFailure."""
+    def _fail(self, message: str, cause: BaseException | None = None, generation: int | None = None):
+        """Kills every rank (survivors may sit in a collective) and raises RankFailure. A call's failure
+        (`generation`: of the ranks it was sent to) that comes in after a rebuild leaves the fresh
+        ranks alone: another call in flight on the old ranks saw them fail, and one rebuilt them."""
         with self._lock:
-            self._broken = message
-            self._kill()
+            if generation is None or generation == self._generation:
+                self._broken = message
+                self._kill()
         raise RankFailure(f"{message}; the group was shut down, call rebuild()") from cause
 
     def rebuild(self) -> None:
@@ -510,7 +520,7 @@ class BackboneGroup:
             job_ref = ray.put(job)
             refs = [rank.run.remote(job.job_id, job_ref) for rank in self._ranks]
             self._in_flight[job.job_id] = refs[0]
-        return DenoiseCall(self, job, refs)
+        return DenoiseCall(self, job, refs, self._generation)
 
     def cancel(self, job_id: str) -> None:
         """Flags `job_id` on rank 0; every rank stops at the start of the same step."""
@@ -574,18 +584,19 @@ class BackboneGroup:
                     outcomes[rank] = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:   # the actor died (or was killed)
                     self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} died during job {call.job_id} "
-                               f"({type(exc).__name__})", exc)
+                               f"({type(exc).__name__})", exc, call.generation)
                 except ray.exceptions.TaskCancelledError:     # the caller's task was cancelled (a Serve
                     call.cancel()                             # request's children are): the ranks stay,
                     raise Cancelled(f"job {call.job_id} cancelled: its caller was")   # the job stops
                 except ray.exceptions.RayError as exc:
-                    self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} raised on job {call.job_id}: {exc}", exc)
+                    self._fail(f"BackboneGroup(tp={self.tp}): rank {rank} raised on job {call.job_id}: {exc}", exc,
+                               call.generation)
                 first_done = first_done or time.monotonic()
             now = time.monotonic()
             if pending and first_done and now - first_done > self.straggler_timeout_s:
                 late = [refs.index(r) for r in pending]
                 self._fail(f"BackboneGroup(tp={self.tp}): ranks {late} did not finish job {call.job_id} within "
-                           f"{self.straggler_timeout_s:g}s of the others")
+                           f"{self.straggler_timeout_s:g}s of the others", generation=call.generation)
             if pending and timeout is not None and now - start > timeout:
                 call.cancel()
                 raise TimeoutError(f"job {call.job_id} not done within {timeout:g}s (cancelled)")
@@ -599,10 +610,12 @@ class BackboneGroup:
         if len(statuses) > 1 or len(steps) > 1 or "broken" in statuses:   # collectives no longer line up
             summary = ", ".join(f"rank {o.rank} {o.status} after {o.steps} steps" for o in outcomes)
             errors = "".join(o.error for o in outcomes)
-            self._fail(f"BackboneGroup(tp={self.tp}): ranks diverged on job {call.job_id} ({summary})\n{errors}")
+            self._fail(f"BackboneGroup(tp={self.tp}): ranks diverged on job {call.job_id} ({summary})\n{errors}",
+                       generation=call.generation)
         status = statuses.pop()
         if status == "cancelled":
             raise JobCancelled(call.job_id, [o.steps for o in outcomes], call.steps)
         if status == "failed":
             raise JobFailed(f"job {call.job_id} failed on every rank:\n{outcomes[0].error}")
+        call.peak_callers = outcomes[0].peak_callers
         return outcomes[0].latents
