@@ -17,9 +17,11 @@ from omnireel import storage
 from omnireel.pipelines.render import run_batch
 
 UNKNOWN_VOICE = "0123456789abcdef"
-SLOW = GenerationRequest(prompt="a slow pan", size="32x32", seconds=0.5, fps=8, seed=26, steps=24)
-"""First in the render order (id job0, and the smallest key: seed 26), so it is in the first denoise
-call, and still denoising when the next calls' rows come: they join its batch."""
+SLOW = GenerationRequest(prompt="a slow pan", size="128x128", seconds=1.0, fps=8, seed=30, steps=100)
+"""First in the render order (id job0, and the smallest key: seed 30), so it is in the first denoise
+call, and still denoising when the next calls' rows come: they join its batch. Its 100 steps take
+about a second alone here, several times what the next call's rows need to reach the actor (at 24
+steps of 32x32, 0.2 s, a CI run once saw them come after it ended)."""
 REQUESTS = (SLOW, *JOBS)
 
 
