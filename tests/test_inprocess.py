@@ -47,11 +47,13 @@ def test_submits_share_steps_on_the_hosts_compute_thread_each_with_its_own_progr
     compute = ComputeThread(threads=torch.get_num_threads())     # the same thread count as LocalEngine's
     host = InProcessBackbone(tiny_checkpoint, compute=compute, max_batch_jobs=4)
     stepped_on = set()
-    long_call = host.submit(denoise_job(tiny_engine, request(steps=50)),
+    expected = tiny_engine.render(request()).latents             # before: the long job steps on meanwhile
+    long_call = host.submit(denoise_job(tiny_engine, request(steps=100)),
                             progress=lambda i, n: stepped_on.add(threading.get_native_id()))
     short_call = host.submit(denoise_job(tiny_engine, request()))
-    assert max_difference(short_call.result(), tiny_engine.render(request()).latents) <= PARITY   # batched
-    assert 0 < long_call.progress()[0] < 50                       # still running when the short one is done
+    short = short_call.result()
+    assert 0 < long_call.progress()[0] < 100                      # still running when the short one is done
+    assert max_difference(short, expected) <= PARITY               # batched beside it
     long_call.cancel()
     with pytest.raises(Cancelled):
         long_call.result()
