@@ -228,6 +228,10 @@ class OmniBackbone(nn.Module):
             self.cue_embed = nn.Parameter(torch.randn(d) / math.sqrt(d))  # audio tokens at collision cues
             with torch.no_grad():
                 self.modality_embed.weight[FIRST_OPTIONAL_MODALITY:].normal_()
+            if cfg.caption_modulation:               # zero at first: the timestep embedding alone
+                self.caption_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
+                nn.init.zeros_(self.caption_modulation[1].weight)
+                nn.init.zeros_(self.caption_modulation[1].bias)
 
     def prepare(self, layout: TokenLayout, device) -> PreparedLayout:
         """Everything about the token layout that does not change between denoising steps."""
@@ -263,7 +267,7 @@ class OmniBackbone(nn.Module):
         """video (B, C, T, h, w), audio (B, Ca, Ta), sigmas (B, 3) = (clean 0, video, audio)
         -> velocities of the same shapes as video and audio."""
         x = self.embed(video, audio, cond, prep, drop_captions)                          # (B, L, d)
-        t_emb, time_mod = self.time_modulations(sigmas, x.dtype)                         # (B, 3, d), (B, 3, 6, d)
+        t_emb, time_mod = self.time_modulations(sigmas, x.dtype, self.pooled_caption(x, prep))  # (B, 3, d), (B, 3, 6, d)
         x = self.transform(x, t_emb, time_mod, prep, prep.layout.group_spans())
         return self.velocities(x, prep)
 
@@ -276,7 +280,9 @@ class OmniBackbone(nn.Module):
         xs = [self.embed(j.video, j.audio, j.cond, j.prep, j.drop_captions) for j in jobs]   # (B_j, L_j, d)
         x = torch.cat([x.flatten(0, 1) for x in xs])[None]                                  # (1, N, d)
         sigmas = torch.cat([j.sigmas for j in jobs])                                         # (R, 3)
-        t_emb, time_mod = self.time_modulations(sigmas, x.dtype)                             # (R, 3, d), (R, 3, 6, d)
+        pooled = None if not self.cfg.caption_modulation else \
+            torch.cat([self.pooled_caption(x_job, j.prep) for x_job, j in zip(xs, jobs)])    # (R, d)
+        t_emb, time_mod = self.time_modulations(sigmas, x.dtype, pooled)                     # (R, 3, d), (R, 3, 6, d)
         packed = pack_layouts(jobs, device)
         x = self.transform(x, t_emb.flatten(0, 1)[None], time_mod.flatten(0, 1)[None], packed, packed.groups)
         out = []
@@ -285,10 +291,21 @@ class OmniBackbone(nn.Module):
             out.append(self.velocities(x[0, offset:offset + rows * length].view(rows, length, -1), job.prep))
         return out
 
-    def time_modulations(self, sigmas: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """sigmas (B, 3) -> the timestep embeddings (B, 3, d) and the blocks' adaLN table (B, 3, 6, d)."""
+    def pooled_caption(self, x: torch.Tensor, prep: PreparedLayout) -> torch.Tensor | None:
+        """x (B, L, d) embedded tokens -> (B, d) the mean of their caption tokens (every shot's; the
+        null caption's where captions were dropped), or None without caption modulation."""
+        if not self.cfg.caption_modulation:
+            return None
+        return x[:, prep.layout.spans["text"]].mean(1)
+
+    def time_modulations(self, sigmas: torch.Tensor, dtype,
+                         caption: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigmas (B, 3), caption (B, d) pooled or None -> the timestep embeddings (B, 3, d) and the
+        blocks' adaLN table (B, 3, 6, d)."""
         features = timestep_embedding(sigmas, self.cfg.freq_dim)                        # float32 (B, 3, freq_dim)
         t_emb = self.time_embed(features.to(self.time_embed[0].weight.dtype)).to(dtype)  # (B, 3, d)
+        if caption is not None:
+            t_emb = t_emb + self.caption_modulation(caption)[:, None].to(dtype)
         return t_emb, self.time_modulation(t_emb).unflatten(-1, (6, self.cfg.dim))
 
     def transform(self, x, t_emb, time_mod, prep, group_spans) -> torch.Tensor:

@@ -38,6 +38,10 @@ class BackboneConfig:
     shot_gap_seconds: float = 0.5  # time gap inserted at each cut
     freq_dim: int = 256            # sinusoidal timestep embedding width
     eps: float = 1e-6
+    # adaLN caption conditioning: the mean of the caption tokens, through a zero-initialised
+    # projection, added to the timestep embedding that drives every block's modulation (DiT's
+    # adaLN conditioning, SD3's pooled text), beside the tokens' joint attention
+    caption_modulation: bool = False
 
     def __post_init__(self):
         if self.dim % self.heads:
