@@ -7,8 +7,9 @@ checkpoint renders the scene's caption twice through LocalEngine (the path `omni
 takes): once from the caption alone and once with the scene as `physics` conditioning. The frames
 (VAE decode, before H.264) and the waveform (codec + vocoder) are scored by
 omnireel.training.fidelity against the scene's labels. A third column scores the scenes' own
-renders (frames and soundtrack from the dataset): the ceiling of each measure. Prints figures;
-asserts nothing.
+renders (frames and soundtrack from the dataset): the ceiling of each measure; a fourth, those
+renders through the trained checkpoint's video VAE and audio codec + vocoder: the ceiling its
+decoders leave the backbone. Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -34,6 +35,28 @@ def render(engine, scene, recipe, physics: bool):
     with torch.inference_mode():
         frames = vae.decode(result.latents.video[None])[0, :, :plan.num_frames]
         wave = engine.components["audio_decoder"](result.latents.audio[None])[0, :plan.audio_samples]
+    return media.video_to_uint8(frames.float()), wave.float().numpy()
+
+
+def through_autoencoders(engine, scene, truth, recipe):
+    """(frames, wave) of the scene's own render and soundtrack through the checkpoint's video VAE
+    and audio codec + vocoder: the most its decoders can give back, whatever the backbone does."""
+    import torch
+
+    from omnireel import media
+    from omnireel.model.audio import MelSpectrogram
+    from omnireel.plan import plan_request
+    from omnireel.training.scenes import soundtrack
+    from omnireel.training.trainer import frames_tensor, pad_frames, scene_request
+
+    plan = plan_request(scene_request(scene, recipe, physics=False), engine.config)
+    vae, decoder = engine.components["vae"], engine.components["audio_decoder"]
+    rate = decoder.codec.cfg.sample_rate
+    clip = frames_tensor(pad_frames(truth, 1 + 4 * (plan.latent_frames - 1)))[None]     # (1, 3, F, H, W)
+    mel = MelSpectrogram(decoder.codec.cfg).clip(torch.from_numpy(soundtrack(scene, rate)), plan.audio_frames)
+    with torch.inference_mode():
+        frames = vae.decode(vae.encode(clip))[0, :, :plan.num_frames]
+        wave = decoder(decoder.codec.encode(mel[None]))[0, :plan.audio_samples]
     return media.video_to_uint8(frames.float()), wave.float().numpy()
 
 
@@ -109,6 +132,9 @@ def main() -> None:
     columns = {}
     truth_scores = [score(s, t, soundtrack(s, rate), rate, t) for s, t in zip(scenes, truths)]
     columns["scenes (truth)"] = summarise(truth_scores, truth_scores)
+    engine = LocalEngine(trained)
+    rebuilt = [score(s, *through_autoencoders(engine, s, t, recipe), rate, t) for s, t in zip(scenes, truths)]
+    columns["autoencoders"] = summarise(rebuilt, rebuilt)
     with tempfile.TemporaryDirectory() as tmp:
         random_dir = os.path.join(tmp, "random")
         with torch.random.fork_rng(devices=[]):
