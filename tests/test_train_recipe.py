@@ -62,6 +62,17 @@ def test_training_lowers_the_loss(full_run):
     assert all(math.isfinite(v) for v in vae)          # finite, logged for every step
 
 
+def test_the_video_loss_weighs_the_bodies_cells_up(full_run):
+    _, trainer, _ = full_run
+    example = trainer.data[0]
+    weight = trainer.object_weights(example)                  # (T, h, w)
+    assert weight.shape == example.video.shape[1:]
+    assert abs(weight.mean().item() - 1.0) < 1e-5
+    covered = (example.layer > 0)[0]                          # latent frame 0's cells under a body
+    assert covered.any() and not covered.all()
+    assert weight[0][covered].min() == pytest.approx((1 + TINY.object_weight) * weight[0][~covered].max())
+
+
 def test_resume_repeats_the_same_loss_curve(full_run, tmp_path, text_encoder):
     from omnireel.cli import main
 

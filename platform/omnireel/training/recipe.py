@@ -21,7 +21,7 @@ def demo_config() -> ModelConfig:
     return ModelConfig(
         name="demo",
         backbone=BackboneConfig(dim=192, heads=6, layers=6, mlp_hidden=512, modality_blocks=1,
-                                video_channels=8, audio_channels=4, freq_dim=128),
+                                video_channels=8, audio_channels=4, freq_dim=128, caption_modulation=True),
         vae=VideoVAEConfig(latent_channels=8, channels=(16, 32, 64), tile_latents=16, tile_overlap=2),
         audio=AudioCodecConfig(sample_rate=16000, n_fft=512, hop_length=160, n_mels=40, latent_channels=4,
                                hidden=64, griffin_lim_iters=32),
@@ -34,7 +34,7 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(
         name="train-tiny",
         backbone=BackboneConfig(dim=32, heads=2, layers=2, mlp_hidden=64, modality_blocks=1,
-                                video_channels=4, audio_channels=2, freq_dim=32),
+                                video_channels=4, audio_channels=2, freq_dim=32, caption_modulation=True),
         vae=VideoVAEConfig(latent_channels=4, channels=(4, 8, 8), tile_latents=16, tile_overlap=2),
         audio=AudioCodecConfig(sample_rate=16000, n_fft=512, hop_length=160, n_mels=16, latent_channels=2,
                                hidden=16, griffin_lim_iters=4),
@@ -59,15 +59,16 @@ class Recipe:
     fps: int = 12
     seconds: float = 2.0
     clips: int = 1600                     # training scenes: seeds [0, clips)
-    vae: StageSchedule = StageSchedule(steps=1300, batch=4, lr=2e-3, warmup=50)
+    vae: StageSchedule = StageSchedule(steps=2000, batch=4, lr=2e-3, warmup=50)
     vae_window: int = 5                   # frames per VAE training clip (1 + 4n)
     codec: StageSchedule = StageSchedule(steps=400, batch=8, lr=2e-3, warmup=20)
-    backbone: StageSchedule = StageSchedule(steps=2500, batch=4, lr=6e-4, warmup=150)
+    backbone: StageSchedule = StageSchedule(steps=6000, batch=4, lr=6e-4, warmup=150)
     draws: int = 2                        # (sigma, noise) draws per example per step: a batch of one layout
     caption_dropout: float = 0.1          # share of examples trained with the null caption (for CFG)
     physics_share: float = 0.5            # share of examples trained with physics conditioning
+    object_weight: float = 3.0            # extra video-loss weight of the latent cells a body covers
     ema: float = 0.998                    # EMA decay of the exported backbone weights
-    eval_every: int = 250                 # backbone steps between evaluations (and exported checkpoints)
+    eval_every: int = 500                 # backbone steps between evaluations (and exported checkpoints)
     eval_clips: int = 8
     save_every: int = 100                 # steps between training-state saves (every stage)
     seed: int = 0

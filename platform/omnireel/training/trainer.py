@@ -428,7 +428,18 @@ class Trainer:
             tracks=tracks.flatten(0, 1)[None].expand(k, -1, -1).to(dev))
         prep = backbone.prepare(build_layout(ex.layout_spec(physics), cfg), dev)
         pred_v, pred_a = backbone(x_v, x_a, sigmas, cond, prep, drop_captions=drop.to(dev))
-        return 0.5 * (F.mse_loss(pred_v, noise_v - x0_v) + F.mse_loss(pred_a, noise_a - x0_a))
+        weight = self.object_weights(ex).to(dev)                              # (T, h, w), mean 1
+        video_loss = (weight * (pred_v - (noise_v - x0_v)).pow(2)).mean()
+        return 0.5 * (video_loss + F.mse_loss(pred_a, noise_a - x0_a))
+
+    def object_weights(self, ex: Example) -> torch.Tensor:
+        """(T, h, w) the video loss's weight per latent cell: 1 + recipe.object_weight where a body
+        covers the cell (physics.plan_motion's layer map of frames 0..T-2; the last frame takes the one
+        before's), scaled to
+        mean 1. The shapes fill a tenth of the frame; unweighted, the plain background is most of the loss."""
+        cover = (ex.layer > 0).float()                                       # (T-1, h, w)
+        weight = 1.0 + self.recipe.object_weight * torch.cat([cover, cover[-1:]])
+        return weight / weight.mean()
 
     def backbone_step(self, step: int) -> float:
         r = self.recipe
