@@ -9,8 +9,9 @@ Stages, in order (each resumable from the training state saved every `save_every
             encoder, cached through storage.py (`dataset.safetensors` in the run folder);
   backbone  flow matching (model/sampler.py's convention: x = (1 - s) x0 + s noise, v = noise - x0)
             with caption dropout for CFG, half the examples with physics conditioning (trajectory
-            tokens, audio cues and flow-warped noise, exactly as stages.denoise builds them); an
-            EMA of the weights is what gets exported. Every `eval_every` steps: the held-out loss
+            tokens, audio cues and flow-warped noise, exactly as stages.denoise builds them), the
+            video loss weighted up on the latent cells a body covers; an EMA of the weights is what
+            gets exported. Every `eval_every` steps: the held-out loss
             and a checkpoint folder (checkpoint.py's format) under checkpoints/.
 
 Determinism: a step's batch, noise and sigmas come from a generator seeded by (recipe seed, stage,
