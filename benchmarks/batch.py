@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--compare", type=int, help="with --validate-only: the shorter manifest (default rows / 10)")
     parser.add_argument("--driver", nargs=2, metavar=("MANIFEST", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch_jobs < 2:
+        parser.error(f"--batch-jobs: must be >= 2 (got {args.batch_jobs}): the batching-on runs hold more "
+                     "than one row per denoise call")
     args.threads = args.threads or torch.get_num_threads()           # the same threads in every driver
     torch.set_num_threads(args.threads)
     if args.driver:

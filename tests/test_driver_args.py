@@ -121,3 +121,16 @@ def test_a_drivers_own_args_refused_in_one_line(capsys, argv, words):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags,words", [(["--batch-jobs", "1"], "--batch-jobs: must be >= 2 (got 1)"),
+                                         (["--tp", "0"], "--tp: must be >= 1 (got 0)")])
+def test_the_batch_benchmarks_bad_flag_values_are_one_line(flags, words):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "batch.py"
+    done = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if "Warning" not in line and line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and f"batch.py: error: {words}" in lines[0], done.stderr
