@@ -109,7 +109,6 @@ class InProcessBackbone:
         self.device = torch.device("cuda", 0) if ray.is_initialized() and ray.get_gpu_ids() else torch.device("cpu")
         self.backbone = load_components(self.checkpoint_dir, ["backbone"], self.device, dtype=dtype)["backbone"]
         self.scheduler = DenoiseScheduler(self.backbone, max_batch_jobs, max_batch_tokens, driver=driver)
-        self.max_batch_jobs, self.max_batch_tokens = max_batch_jobs, max_batch_tokens
         self.compute = compute
         self._calls: dict[str, InProcessCall] = {}    # job_id -> call, until its result is set
         self._lock = threading.Lock()
@@ -150,6 +149,11 @@ class InProcessBackbone:
         with self._lock:
             call = self._calls.get(job_id)
         return None if call is None else call.progress()
+
+    @property
+    def max_batch_jobs(self) -> int:
+        """The most jobs one step holds (the scheduler's bound; a BackboneGroup has the same attribute)."""
+        return self.scheduler.max_batch_jobs
 
     def batching(self) -> dict:
         """What the scheduler holds and ran (DenoiseScheduler.summary)."""
