@@ -435,7 +435,7 @@ class Trainer:
 
     def object_weights(self, ex: Example) -> torch.Tensor:
         """(T, h, w) the video loss's weight per latent cell: 1 + recipe.object_weight where a body
-        covers the cell (physics.plan_motion's layer map of frames 0..T-2; the last frame takes the one
+        (or a particle emitter's particles) covers the cell (physics.plan_motion's layer map of frames 0..T-2; the last frame takes the one
         before's), scaled to
         mean 1. The shapes fill a tenth of the frame; unweighted, the plain background is most of the loss."""
         cover = (ex.layer > 0).float()                                       # (T-1, h, w)
