@@ -52,7 +52,7 @@ def through_autoencoders(engine, scene, truth, recipe):
     plan = plan_request(scene_request(scene, recipe, physics=False), engine.config)
     vae, decoder = engine.components["vae"], engine.components["audio_decoder"]
     rate = decoder.codec.cfg.sample_rate
-    clip = frames_tensor(pad_frames(truth, 1 + 4 * (plan.latent_frames - 1)))[None]     # (1, 3, F, H, W)
+    clip = frames_tensor(pad_frames(truth, plan.frame_count))[None]     # (1, 3, F, H, W)
     mel = MelSpectrogram(decoder.codec.cfg).clip(torch.from_numpy(soundtrack(scene, rate)), plan.audio_frames)
     with torch.inference_mode():
         frames = vae.decode(vae.encode(clip))[0, :, :plan.num_frames]

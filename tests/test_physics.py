@@ -23,8 +23,8 @@ SIZE, FPS = 256, 24
 CELL = 8                                   # pixels per latent cell (the VAE's x8)
 
 
-def latent_frames(frames: int) -> int:
-    return 1 + math.ceil((frames - 1) / 4)
+def latent_frames(frames: int, factor: int = 4) -> int:
+    return 1 + math.ceil((frames - 1) / factor)
 
 
 def test_warped_noise_stays_unit_gaussian_in_every_frame():
@@ -36,7 +36,7 @@ def test_warped_noise_stays_unit_gaussian_in_every_frame():
     frames = 2 * FPS + 1
     sim = simulate(scene, SIZE, SIZE, FPS, frames)
     T, h = latent_frames(frames), SIZE // CELL
-    motion = motion_conditioning(sim, T, h, h, audio_frames=50)
+    motion = motion_conditioning(sim, T, h, h, audio_frames=50, frames_per_latent=4)
     noise = torch.randn(16, T, h, h, generator=torch.Generator().manual_seed(0))   # (C, T, h, w)
     warped = warp_noise(noise, motion.flow, motion.layer)
     assert (motion.flow != 0).any(dim=-1).float().mean() > 0.05, "the scene must move a good part of the frame"
@@ -63,17 +63,18 @@ def best_shift(before: torch.Tensor, after: torch.Tensor, cells: torch.Tensor, r
     return max(scores, key=scores.get), scores
 
 
-def test_frame_to_frame_correlation_follows_the_simulated_displacement():
+@pytest.mark.parametrize("factor", [4, 2])    # the VAE's time factor: video frames per latent
+def test_frame_to_frame_correlation_follows_the_simulated_displacement(factor):
     scene = PhysicsScene(gravity=(0, 300), walls=True, bodies=[
         {"position": [50, 80], "velocity": [170, 60], "radius": 28, "elasticity": 0.9}])
     frames = 2 * FPS + 1
     sim = simulate(scene, SIZE, SIZE, FPS, frames)
-    T, h = latent_frames(frames), SIZE // CELL
-    motion = motion_conditioning(sim, T, h, h, audio_frames=50)
+    T, h = latent_frames(frames, factor), SIZE // CELL
+    motion = motion_conditioning(sim, T, h, h, audio_frames=50, frames_per_latent=factor)
     warped = warp_noise(torch.randn(8, T, h, h, generator=torch.Generator().manual_seed(1)), motion.flow, motion.layer)
     moved = 0
     for k in range(T - 1):
-        f0, f1 = (0 if j == 0 else 4 * j - 3 for j in (k, k + 1))
+        f0, f1 = (0 if j == 0 else factor * (j - 1) + 1 for j in (k, k + 1))
         simulated = tuple(int(v) for v in (sim.body_position[f1, 0, ::-1] // CELL - sim.body_position[f0, 0, ::-1] // CELL))
         body = torch.from_numpy(body_cover(sim, 0, f0, CELL, h, h)).nonzero()            # (n, 2) cells
         shift, scores = best_shift(warped[:, k], warped[:, k + 1], body)

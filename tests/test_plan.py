@@ -30,7 +30,7 @@ def test_shots_cover_the_clip_exactly_on_latent_boundaries(shot_seconds):
     assert plan.shots[0].frame_start == 0 and plan.shots[-1].frame_end == plan.num_frames
     assert plan.shots[0].latent_start == 0 and plan.shots[-1].latent_end == plan.latent_frames
     for a, b in zip(plan.shots, plan.shots[1:]):
-        assert a.frame_end == b.frame_start == first_frame(b.latent_start)
+        assert a.frame_end == b.frame_start == first_frame(b.latent_start, plan.frames_per_latent)
         assert a.latent_end == b.latent_start
     assert all(s.frame_end > s.frame_start for s in plan.shots)
     # cuts land near the requested times (within one latent frame = 4 video frames)
@@ -54,3 +54,26 @@ def test_too_many_shots_for_a_short_clip_names_the_field():
                                        {"prompt": "c", "seconds": 0.1}])
     with pytest.raises(PlanError, match="shots: 3 shots need at least 3 latent frames"):
         plan_request(request, CONFIG)
+
+
+def test_a_vae_with_time_factor_2_plans_and_lays_out_two_frames_per_latent():
+    """The VAE's time factor reaches the frame rule, the cuts and the video tokens' RoPE times."""
+    import dataclasses
+
+    import torch
+
+    from omnireel.model.layout import build_layout
+
+    config = dataclasses.replace(CONFIG, vae=dataclasses.replace(CONFIG.vae, time_factor=2))
+    request = GenerationRequest(prompt="scene", seconds=2, fps=12, size="64x32",
+                                shots=[{"prompt": "a", "seconds": 0.75}, {"prompt": "b", "seconds": 1.25}])
+    plan = plan_request(request, config)
+    assert plan.frames_per_latent == 2
+    assert plan.num_frames == 24 and plan.latent_frames == 13 and plan.frame_count == 25   # 1 + 2 * 12
+    a, b = plan.shots
+    assert b.latent_start == 5 and a.frame_end == b.frame_start == first_frame(5, 2) == 9   # 0.75 s * 12 = frame 9
+    layout = build_layout(plan.layout_spec((4, 2, 2)), config.backbone)
+    video = layout.position[layout.spans["video"], 0].view(plan.latent_frames, -1)[:, 0]   # (T,) seconds
+    gap = config.backbone.shot_gap_seconds
+    expected = [first_frame(k, 2) / 12 + (gap if k >= 5 else 0.0) for k in range(13)]
+    assert torch.allclose(video, torch.tensor(expected))

@@ -47,7 +47,7 @@ def test_frame_ranges_cover_the_clip_exactly(fps, seconds):
     latents = list(itertools.chain.from_iterable(range(s.latent_start, s.latent_end) for s in plan.shots))
     assert latents == list(range(plan.latent_frames))
     for shot in plan.shots:
-        assert shot.frame_start == first_frame(shot.latent_start)        # cuts on latent boundaries
+        assert shot.frame_start == first_frame(shot.latent_start, plan.frames_per_latent)      # cuts on latent boundaries
     assert [s.index for s in plan.shots] == list(range(len(seconds)))
 
 

@@ -4,10 +4,11 @@
    everything: fluid-like motion) in output pixels (x right, y down), recorded once per video frame.
    Body-body and body-wall contacts that begin with an impact speed of at least MIN_IMPACT_SPEED
    are the collisions; the frame they first show in is their collision frame.
-2. `motion_conditioning`: at latent resolution (a latent frame = 4 video frames, a latent cell =
-   8 x 8 pixels), per latent step an integer displacement of every cell and an occlusion layer; one
-   trajectory track per body and per particle emitter (TRACK_FEATURES numbers per latent frame); the
-   collision frames as audio cue positions (audio latents at 25 per second, the shared time axis).
+2. `motion_conditioning`: at latent resolution (a latent frame = the VAE's time factor in video
+   frames, 4 or 2; a latent cell = 8 x 8 pixels), per latent step an integer displacement of every
+   cell and an occlusion layer; one trajectory track per body and per particle emitter
+   (TRACK_FEATURES numbers per latent frame); the collision frames as audio cue positions (audio
+   latents at 25 per second, the shared time axis).
 3. `warp_noise`: the initial video noise carried along that flow by a discrete noise transport
    that keeps it exactly unit Gaussian (cf. Go-with-the-Flow, Burgert et al. 2025; "How I Warped
    Your Noise", Chang et al. 2024): every noise sample of latent frame k moves to the cell its
@@ -199,10 +200,10 @@ def body_cover(sim: Simulation, b: int, frame: int, cell: float, h: int, w: int)
 
 
 def motion_conditioning(sim: Simulation, latent_frames: int, latent_height: int, latent_width: int,
-                        audio_frames: int) -> MotionConditioning:
+                        audio_frames: int, frames_per_latent: int) -> MotionConditioning:
     T, h, w = latent_frames, latent_height, latent_width
     cell = sim.width / w
-    frames = [min(first_frame(k), sim.frames - 1) for k in range(T)]   # the frame each latent shows
+    frames = [min(first_frame(k, frames_per_latent), sim.frames - 1) for k in range(T)]   # the frame each latent shows
     flow = np.zeros((max(T - 1, 0), h, w, 2), dtype=np.int64)
     layer = np.zeros((max(T - 1, 0), h, w), dtype=np.int64)
     for k in range(T - 1):
@@ -258,7 +259,8 @@ def plan_motion(plan: ScenePlan) -> MotionConditioning:
     """A ScenePlan's scene (canonical JSON) -> its motion conditioning at the plan's latent shape."""
     scene = PhysicsScene.model_validate_json(plan.physics)
     sim = simulate(scene, plan.width, plan.height, plan.fps, plan.num_frames)
-    return motion_conditioning(sim, plan.latent_frames, plan.latent_height, plan.latent_width, plan.audio_frames)
+    return motion_conditioning(sim, plan.latent_frames, plan.latent_height, plan.latent_width, plan.audio_frames,
+                               plan.frames_per_latent)
 
 
 # ---- noise transport ---------------------------------------------------------------------------

@@ -37,9 +37,10 @@ def artifact_extension(output: str, mode: str) -> str:
     return "png" if output == "image" else "m4a" if mode == "audio" else "mp4"
 
 
-def first_frame(k: int) -> int:
-    """First video frame covered by latent frame k."""
-    return 0 if k == 0 else 4 * k - 3
+def first_frame(k: int, frames_per_latent: int) -> int:
+    """First video frame covered by latent frame k: latent 0 is frame 0 alone, each later latent
+    covers `frames_per_latent` frames (the video VAE's time factor)."""
+    return 0 if k == 0 else frames_per_latent * (k - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,16 @@ class ScenePlan:
     input_audio: str | None = None                 # audio -> clean audio tokens
     physics: str | None = None                     # the scene as canonical JSON
     family: str = "omni"                           # the model family whose stages run this plan (families/)
+    frames_per_latent: int = 4                     # video frames per latent after the first (VAE time factor)
 
     @property
     def artifact_extension(self) -> str:
         return artifact_extension(self.output, self.mode)
+
+    @property
+    def frame_count(self) -> int:
+        """Frames the latents decode to (1 + frames_per_latent * n; num_frames of them are kept)."""
+        return 1 + self.frames_per_latent * (self.latent_frames - 1)
 
     @property
     def seconds(self) -> float:
@@ -100,20 +107,23 @@ class ScenePlan:
         """The layout of this plan; `streams` are LayoutSpec's optional fields (clean frames, tracks, cues)."""
         return LayoutSpec(latent_frames=self.latent_frames, latent_height=self.latent_height,
                           latent_width=self.latent_width, fps=float(self.fps), audio_frames=self.audio_frames,
+                          frames_per_latent=self.frames_per_latent,
                           shot_starts=tuple(s.latent_start for s in self.shots),
                           caption_lengths=caption_lengths, voices=voices, refs=refs, **streams)
 
 
-def shot_latent_starts(shot_seconds: list[float], fps: int, latent_frames: int) -> list[int]:
+def shot_latent_starts(shot_seconds: list[float], fps: int, latent_frames: int,
+                       frames_per_latent: int) -> list[int]:
     """Place each cut on the latent frame whose first frame is nearest the requested cut time."""
     starts, elapsed = [0], 0.0
     for seconds in shot_seconds[:-1]:
         elapsed += seconds
-        k = max(round((elapsed * fps + 3) / 4), starts[-1] + 1)
+        # first_frame(k) = f (k - 1) + 1 = elapsed * fps  <->  k = (elapsed * fps + f - 1) / f
+        k = max(round((elapsed * fps + frames_per_latent - 1) / frames_per_latent), starts[-1] + 1)
         starts.append(k)
     if starts[-1] >= latent_frames:
         raise PlanError("shots", f"{len(shot_seconds)} shots need at least {len(shot_seconds)} latent frames "
-                                 f"(4 video frames each); this clip has {latent_frames}")
+                                 f"({frames_per_latent} video frames each); this clip has {latent_frames}")
     return starts
 
 

@@ -246,7 +246,7 @@ def plan_ltx2(request, config: LTX2Config):
         audio_frames=round(generated_frames / request.fps * config.audio_latents_per_second),
         shots=(ShotPlan(index=0, caption=request.prompt, latent_start=0, latent_end=latent_frames,
                         frame_start=0, frame_end=num_frames),),
-        input_reference=request.input_reference, family="ltx2")
+        input_reference=request.input_reference, family="ltx2", frames_per_latent=factor)
 
 
 # ---- loading -----------------------------------------------------------------------------------

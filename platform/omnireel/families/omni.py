@@ -43,7 +43,7 @@ class OmniMediaEncoder:
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (T, H, W, 3), T = 1 + 4k -> (C, 1 + k, H/8, W/8) latents."""
+        """uint8 (T, H, W, 3), T = 1 + time_factor * k -> (C, 1 + k, H/8, W/8) latents."""
         param = next(self.vae.parameters())
         pixels = to_pixels(torch.from_numpy(frames))[None].to(param.device, param.dtype)   # (1, 3, T, H, W)
         return self.vae.encode(pixels)[0].float().cpu()
@@ -272,7 +272,7 @@ class OmniDenoiser:
 # ---- planning ---------------------------------------------------------------------------------------
 
 def plan_omni(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
-    """The omni frame rule (1 + 4n latents), cut rule (shots on latent frames) and latent shapes."""
+    """The omni frame rule (1 + n latents for 1 + time_factor * n frames), cut rule (shots on latent frames) and latent shapes."""
     vae, audio = config.vae, config.audio
     image = request.output == "image"
     audio_only = request.mode == "audio"
@@ -287,7 +287,7 @@ def plan_omni(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
 
     shots = storyboard_shots(request)
     shot_seconds = [s.seconds for s in shots] or [request.seconds]
-    starts = [0] if image else shot_latent_starts(shot_seconds, request.fps, latent_frames)
+    starts = [0] if image else shot_latent_starts(shot_seconds, request.fps, latent_frames, vae.time_factor)
     ends = starts[1:] + [latent_frames]
     shot_captions = [s.prompt if not s.camera else f"{s.prompt} (camera: {s.camera})" for s in shots]
     if len(starts) == 1:   # one shot: a single global caption, no shot captions, no mask
@@ -296,8 +296,8 @@ def plan_omni(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
     else:
         captions = (request.prompt, *shot_captions)
     shot_plans = tuple(
-        ShotPlan(index=i, caption=caption, latent_start=a, latent_end=b, frame_start=first_frame(a),
-                 frame_end=num_frames if b == latent_frames else first_frame(b),
+        ShotPlan(index=i, caption=caption, latent_start=a, latent_end=b, frame_start=first_frame(a, vae.time_factor),
+                 frame_end=num_frames if b == latent_frames else first_frame(b, vae.time_factor),
                  camera=shots[i].camera if len(shots) == len(starts) else None)
         for i, (caption, a, b) in enumerate(zip(shot_captions, starts, ends)))
     # mode "audio": the video stream is one clean blank latent of a single patch (it costs one token)
@@ -318,7 +318,8 @@ def plan_omni(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
         elements=tuple(request.elements), input_reference=request.input_reference,
         input_video=request.input_video, input_audio=request.input_audio,
         physics=None if request.physics is None else canonical_json(
-            request.physics.model_dump(mode="json")).decode())
+            request.physics.model_dump(mode="json")).decode(),
+        frames_per_latent=vae.time_factor)
 
 
 # ---- components -------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def warmup_values(config: ModelConfig) -> dict:
 
 class OmniFamily(Family):
     name = "omni"
-    limits = FamilyLimits(size_multiple=16, frame_rule="round(seconds * fps) frames, latents 1 + 4n",
+    limits = FamilyLimits(size_multiple=16, frame_rule="round(seconds * fps) frames, latents 1 + n (n = frames / VAE time factor)",
                           max_seconds=20.0, min_fps=1, max_fps=60, fields=frozenset(OPTIONAL_REQUEST_FIELDS),
                           languages=LANGUAGES)
 

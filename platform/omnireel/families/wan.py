@@ -177,7 +177,7 @@ def plan_wan(request, config: WanConfig):
         audio_samples=0, audio_frames=0,
         shots=(ShotPlan(index=0, caption=request.prompt, latent_start=0, latent_end=latent_frames,
                         frame_start=0, frame_end=num_frames),),
-        input_reference=request.input_reference, family="wan")
+        input_reference=request.input_reference, family="wan", frames_per_latent=factor)
 
 
 def uses_cfg(plan) -> bool:

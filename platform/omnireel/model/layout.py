@@ -34,6 +34,7 @@ class LayoutSpec:
     latent_width: int                  # w
     fps: float
     audio_frames: int                  # Ta: audio latents (25 per second)
+    frames_per_latent: int = 4         # video frames per latent after the first (the VAE's time factor)
     shot_starts: tuple[int, ...] = (0,)        # first latent frame of each shot
     caption_lengths: tuple[int, ...] = (1,)    # tokens per caption: global, then one per shot (if > 1 shot)
     voices: int = 0                    # bound characters
@@ -58,9 +59,9 @@ class LayoutSpec:
             raise ValueError(f"audio_cues must index the {self.audio_frames} audio latents: {self.audio_cues}")
 
 
-def latent_first_frame(k: torch.Tensor) -> torch.Tensor:
-    """Index of the first video frame covered by latent frame k."""
-    return torch.where(k == 0, torch.zeros_like(k), 4 * k - 3)
+def latent_first_frame(k: torch.Tensor, frames_per_latent: int) -> torch.Tensor:
+    """Index of the first video frame covered by latent frame k (plan.first_frame, on tensors)."""
+    return torch.where(k == 0, torch.zeros_like(k), frames_per_latent * (k - 1) + 1)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def build_layout(spec: LayoutSpec, cfg: BackboneConfig) -> TokenLayout:
     # video: per latent frame shot id, time, clean/noisy
     k = torch.arange(spec.latent_frames)
     frame_shot = torch.searchsorted(shot_starts, k, right=True) - 1           # (T,)
-    frame_time = latent_first_frame(k) / spec.fps + gap * frame_shot          # (T,)
+    frame_time = latent_first_frame(k, spec.frames_per_latent) / spec.fps + gap * frame_shot   # (T,)
     if spec.tracks:   # motion: track-major, one token per latent frame; (y, x) in patch units, where
         # patch token i covers latent cells [ph*i, ph*(i+1)) and a point at cell c sits at (c + .5) / ph - .5
         cells = (torch.tensor(spec.track_cells, dtype=torch.float32).view(-1, 2) if spec.track_cells
@@ -135,7 +136,7 @@ def build_layout(spec: LayoutSpec, cfg: BackboneConfig) -> TokenLayout:
     # audio: shot by time (a shot spans from its first frame to the next shot's first frame)
     i = torch.arange(spec.audio_frames)
     audio_time = i / AUDIO_LATENT_RATE
-    shot_start_times = latent_first_frame(shot_starts) / spec.fps
+    shot_start_times = latent_first_frame(shot_starts, spec.frames_per_latent) / spec.fps
     audio_shot = (torch.searchsorted(shot_start_times, audio_time, right=True) - 1).clamp(min=0)
     add("audio", spec.audio_frames, "audio", audio_time + gap * audio_shot, shot=audio_shot,
         timestep=torch.full((spec.audio_frames,), CLEAN if spec.audio_clean else AUDIO_SIGMA))

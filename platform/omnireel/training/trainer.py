@@ -317,7 +317,7 @@ class Trainer:
     def _normalise_vae(self) -> None:
         vae = self.model.vae
         rms = self._latent_rms(lambda scene: vae.encode(frames_tensor(pad_frames(
-            render_frames(scene), self._plan(scene).latent_frames * 4 - 3))[None].to(self.device))[0])
+            render_frames(scene), self._plan(scene).frame_count))[None].to(self.device))[0])
         last, first = vae.enc_out[-1], vae.dec_in
         last.weight.div_(rms.view(-1, *[1] * (last.weight.dim() - 1)))
         last.bias.div_(rms)
@@ -347,7 +347,7 @@ class Trainer:
         """A scene through the frozen VAE, audio codec and text encoder, with its motion conditioning
         computed by physics.plan_motion from the request that replays it (what encode_media does)."""
         plan = self._plan(scene, physics=True)
-        frames = pad_frames(render_frames(scene), 1 + 4 * (plan.latent_frames - 1))
+        frames = pad_frames(render_frames(scene), plan.frame_count)
         video = self.model.vae.encode(frames_tensor(frames)[None].to(self.device))[0].float().cpu()
         audio = self.model.audio_codec.encode(self.log_mel(scene, plan.audio_frames)[None].to(self.device))[0]
         motion = plan_motion(plan)
