@@ -366,7 +366,8 @@ def warmup_values(config: ModelConfig) -> dict:
 
 class OmniFamily(Family):
     name = "omni"
-    limits = FamilyLimits(size_multiple=16, frame_rule="round(seconds * fps) frames, latents 1 + n (n = frames / VAE time factor)",
+    limits = FamilyLimits(size_multiple=16,
+                          frame_rule="1 + f*k, f the VAE's time factor (round(seconds * fps) rounded up, trimmed back)",
                           max_seconds=20.0, min_fps=1, max_fps=60, fields=frozenset(OPTIONAL_REQUEST_FIELDS),
                           languages=LANGUAGES)
 
