@@ -33,13 +33,12 @@ def reference_latents(folder, request):
     guidance, as the app serves it: (pipe, video latents, audio latents) for output_type="latent"."""
     from diffusers import LTX2Pipeline
 
-    from omnireel.families.diffusers_folder import generated_frames
     from omnireel.families.ltx2 import FAMILY
 
     config = FAMILY.read_config(folder)
     plan = FAMILY.plan(request, config)
     pipe = LTX2Pipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    video, audio = pipe(**pipeline_arguments(plan, config.guidance, generated_frames(plan, config)),
+    video, audio = pipe(**pipeline_arguments(plan, config.guidance, plan.frame_count),
                         generator=torch.Generator().manual_seed(request.seed), output_type="latent")
     return pipe, video, audio

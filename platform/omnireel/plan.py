@@ -69,6 +69,7 @@ class ScenePlan:
     height: int
     num_frames: int                # decoded frames kept (round(seconds * fps); 1 for an image)
     latent_frames: int             # 1 + n
+    frames_per_latent: int         # video frames per latent after the first (the VAE's time factor)
     latent_height: int
     latent_width: int
     audio_samples: int             # waveform samples kept (0 for an image)
@@ -83,7 +84,6 @@ class ScenePlan:
     input_audio: str | None = None                 # audio -> clean audio tokens
     physics: str | None = None                     # the scene as canonical JSON
     family: str = "omni"                           # the model family whose stages run this plan (families/)
-    frames_per_latent: int = 4                     # video frames per latent after the first (VAE time factor)
 
     @property
     def artifact_extension(self) -> str:

@@ -78,12 +78,6 @@ def pipeline_default(pipeline_class, name: str):
     return inspect.signature(pipeline_class.__call__).parameters[name].default
 
 
-def generated_frames(plan, config) -> int:
-    """The frame count the plan is generated at (1 + t * k for the VAE's time compression t,
-    >= plan.num_frames): the pipeline's num_frames."""
-    return 1 + config.vae_temporal_compression * (plan.latent_frames - 1)
-
-
 def encode_voice(component, plan):
     """No diffusers family binds voices: empty VoiceEmbeddings."""
     from ..stages import VoiceEmbeddings

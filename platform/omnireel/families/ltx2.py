@@ -38,7 +38,7 @@ import torch
 
 from .base import FamilyLimits
 from . import diffusers_folder
-from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
+from .diffusers_folder import DiffusersFamily, encode_voice, meta_module, read_json
 from .stacked_calls import run_stacked
 
 NEGATIVE_PROMPT = ""                 # LTX2Pipeline.encode_prompt's default negative prompt
@@ -530,7 +530,7 @@ class LTX2Denoiser:
         guidance = self.guidance.with_cfg(plan.guidance_video, plan.guidance_audio)
         pipe, config, device = self.pipeline, self.config, self.device
         generator = torch.Generator().manual_seed(plan.seed)
-        frames = generated_frames(plan, config)
+        frames = plan.frame_count                                       # the pipeline's num_frames
         video = pipe.prepare_latents(1, config.in_channels, plan.height, plan.width, frames, 0.0, torch.float32,
                                      device, generator)                                  # (1, S_video, C)
         clean = None

@@ -38,7 +38,7 @@ import torch
 
 from .base import FamilyLimits
 from . import diffusers_folder
-from .diffusers_folder import DiffusersFamily, encode_voice, generated_frames, meta_module, read_json
+from .diffusers_folder import DiffusersFamily, encode_voice, meta_module, read_json
 from .stacked_calls import run_stacked
 
 NEGATIVE_PROMPT = ""                 # WanPipeline.encode_prompt's default negative prompt
@@ -238,7 +238,7 @@ class WanImageEncoder:
         pixels = pipe.video_processor.preprocess(image, height=plan.height, width=plan.width).to(device, torch.float32)
         shape = (1, config.vae_latent_channels, plan.latent_frames, plan.latent_height, plan.latent_width)
         outputs = pipe.prepare_latents(pixels, 1, config.vae_latent_channels, plan.height, plan.width,
-                                       generated_frames(plan, config), torch.float32, device, None,
+                                       plan.frame_count, torch.float32, device, None,
                                        latents=torch.zeros(shape, device=device))   # the noise is the denoiser's
         return outputs[1][0].float().cpu()
 
@@ -412,7 +412,7 @@ class WanDenoiser:
         config, device = self.config, self.device
         generator = torch.Generator().manual_seed(plan.seed)
         latents = self.pipeline.prepare_latents(1, config.vae_latent_channels, plan.height, plan.width,
-                                                generated_frames(plan, config), torch.float32, device, generator)
+                                                plan.frame_count, torch.float32, device, generator)
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(plan.steps, device=device)
         scheduler.set_begin_index(0)
