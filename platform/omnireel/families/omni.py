@@ -272,7 +272,8 @@ class OmniDenoiser:
 # ---- planning ---------------------------------------------------------------------------------------
 
 def plan_omni(request: GenerationRequest, config: ModelConfig) -> ScenePlan:
-    """The omni frame rule (1 + n latents for 1 + time_factor * n frames), cut rule (shots on latent frames) and latent shapes."""
+    """The omni frame rule (1 + n latents for 1 + time_factor * n frames), cut rule (shots on latent
+    frames) and latent shapes."""
     vae, audio = config.vae, config.audio
     image = request.output == "image"
     audio_only = request.mode == "audio"

@@ -62,7 +62,7 @@ class Recipe:
     seconds: float = 2.0
     clips: int = 1600                     # training scenes: seeds [0, clips)
     vae: StageSchedule = StageSchedule(steps=2000, batch=4, lr=2e-3, warmup=50)
-    vae_window: int = 5                   # frames per VAE training clip (1 + 4n)
+    vae_window: int = 5                   # frames per VAE training clip (1 + time_factor * n)
     codec: StageSchedule = StageSchedule(steps=400, batch=8, lr=2e-3, warmup=20)
     backbone: StageSchedule = StageSchedule(steps=8000, batch=4, lr=6e-4, warmup=150)
     draws: int = 2                        # (sigma, noise) draws per example per step: a batch of one layout
